@@ -1,0 +1,48 @@
+"""peftkit: parameter-efficient fine-tuning with methods as plugins.
+
+Importing this package loads nothing: names resolve on first use, and plugins are discovered by the
+first call that needs them. Method configs (``LoraConfig``, ...) are re-exported from their plugins.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "get_peft_model": "peftkit.model",
+    "PeftModel": "peftkit.model",
+    "load_config": "peftkit.model",
+    "PeftConfig": "peftkit.config",
+    "TaskType": "peftkit.config",
+    "MethodSpec": "peftkit.method",
+    "method_impl": "peftkit.method",
+    "hookimpl": "peftkit.method",
+    "AdapterLayer": "peftkit.adapter_layer",
+    "LayerFeatures": "peftkit.layer_access",
+    "inject_into_targets": "peftkit.injection",
+    "PeftkitError": "peftkit.errors",
+    "ConfigError": "peftkit.errors",
+    "TargetModulesError": "peftkit.errors",
+    "AdapterLoadError": "peftkit.errors",
+    "UnknownMethodError": "peftkit.errors",
+    "MergeNotSupportedError": "peftkit.errors",
+    "PluginConflictError": "peftkit.errors",
+    "AdapterNameError": "peftkit.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name.endswith("Config"):
+        from peftkit import plugins
+
+        config_class = plugins.config_class_named(name)
+        if config_class is not None:
+            return config_class
+    raise AttributeError(f"module 'peftkit' has no attribute {name!r}")

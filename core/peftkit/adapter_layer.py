@@ -1,0 +1,153 @@
+"""The base of every layer a method wraps: adapters keyed by name, activation, merging, state."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from peftkit import plugins
+from peftkit.errors import MergeNotSupportedError
+from peftkit.layer_access import LayerFeatures
+
+
+class AdapterLayer(nn.Module):
+    """A base layer plus one method's adapters, each under its adapter name.
+
+    A method subclasses this and says only its math:
+
+    - ``adapter_tensor_names``: the attributes (``nn.ModuleDict`` or ``nn.ParameterDict`` keyed by
+      adapter name) that hold the adapter's trained tensors; they are what trains, saves and loads.
+    - ``adapter_state_names``: other per-adapter attributes (dicts, dropout modules), cleared on delete.
+    - :meth:`update_layer` creates an adapter; :meth:`adapter_output` adds the active, unmerged
+      adapters to the base output; :meth:`delta_weight` (additive methods) or :meth:`merged_weight`
+      and :meth:`unmerged_weight` (others) say how the adapter folds into the dense weight.
+    - ``supported_kinds``: the base layer kinds (see :mod:`peftkit.layer_access`) it can wrap.
+    """
+
+    adapter_tensor_names: ClassVar[tuple[str, ...]] = ()
+    adapter_state_names: ClassVar[tuple[str, ...]] = ()
+    supported_kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module, features: LayerFeatures | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.features = features if features is not None else plugins.layer_features(self.get_base_layer())
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # --- what a method implements ---------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: Any, module_name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise MergeNotSupportedError(f"{type(self).__name__} adapters cannot be merged into the base weight")
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight(adapter_name).to(weight.dtype)
+
+    # --- shared machinery -----------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        """The innermost wrapped layer (methods may stack: a LoRA layer around an IA3 layer)."""
+        layer = self.base_layer
+        while isinstance(layer, AdapterLayer):
+            layer = layer.base_layer
+        return layer
+
+    @property
+    def adapter_names(self) -> list[str]:
+        if not self.adapter_tensor_names:
+            return []
+        return list(getattr(self, self.adapter_tensor_names[0]).keys())
+
+    def holds(self, adapter_name: str) -> bool:
+        return any(adapter_name in getattr(self, name) for name in self.adapter_tensor_names)
+
+    def set_active(self, adapter_names: list[str]) -> None:
+        self.active_adapters = [name for name in adapter_names if self.holds(name)]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        pending = [name for name in self.active_adapters if name not in self.merged_adapters]
+        if not pending:
+            return result
+        return self.adapter_output(x, result, pending)
+
+    def adapter_parameters(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
+        """The adapter's tensors here, named as PEFT saves them relative to this layer."""
+        out = []
+        for container_name in self.adapter_tensor_names:
+            container = getattr(self, container_name)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                out.append((container_name, item))
+            else:
+                out.extend((f"{container_name}.{name}", p) for name, p in item.named_parameters())
+        return out
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            self.unmerge([adapter_name])
+        for container_name in self.adapter_tensor_names + self.adapter_state_names:
+            container = getattr(self, container_name)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        base = self.get_base_layer()
+        for name in names:
+            if name in self.merged_adapters or not self.holds(name):
+                continue
+            weight = plugins.read_weight(base)
+            merged = self.merged_weight(name, weight)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} into {type(base).__name__} gives NaN or inf weights")
+            plugins.write_weight(base, merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """Take merged adapters out again, last merged first."""
+        base = self.get_base_layer()
+        for name in reversed(list(self.merged_adapters)):
+            if adapter_names is not None and name not in adapter_names:
+                continue
+            plugins.write_weight(base, self.unmerged_weight(name, plugins.read_weight(base)))
+            self.merged_adapters.remove(name)
+
+    def unloaded(self) -> nn.Module:
+        """The module that replaces this one when the model is unloaded."""
+        return self.base_layer
+
+    def _move_to_base(self, *modules_or_params: Any, float_dtype: torch.dtype | None = None) -> None:
+        """Put new adapter tensors on the base weight's device; float dtype as asked (fp32 by default)."""
+        reference = next(self.get_base_layer().parameters(), None)
+        device = reference.device if reference is not None else torch.device("cpu")
+        for item in modules_or_params:
+            if isinstance(item, nn.Parameter):
+                item.data = item.data.to(device=device, dtype=float_dtype or item.dtype)
+            else:
+                item.to(device=device, dtype=float_dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every adapter layer in a model, outermost first, with its path."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, AdapterLayer)]

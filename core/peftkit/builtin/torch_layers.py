@@ -1,0 +1,71 @@
+"""The layer hooks for PyTorch's own layers and transformers' Conv1D."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR, LayerFeatures
+from peftkit.method import hookimpl
+
+try:  # transformers' GPT-2 style linear layer, weight stored (in, out)
+    from transformers.pytorch_utils import Conv1D as TransformersConv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the layer hooks need not fail
+    TransformersConv1D = ()
+
+_CONV_KINDS = {nn.Conv1d: CONV1D, nn.Conv2d: CONV2D, nn.Conv3d: CONV3D}
+
+
+@hookimpl(trylast=True)
+def peftkit_layer_features(layer: nn.Module) -> LayerFeatures | None:
+    if _foreign(layer):
+        return None
+    if isinstance(layer, nn.Linear):
+        return LayerFeatures(LINEAR, layer.in_features, layer.out_features)
+    if TransformersConv1D and isinstance(layer, TransformersConv1D):
+        in_features, out_features = layer.weight.shape
+        return LayerFeatures(LINEAR, in_features, out_features, fan_in_fan_out=True)
+    for conv_type, kind in _CONV_KINDS.items():
+        if type(layer) is conv_type:
+            return LayerFeatures(
+                kind,
+                layer.in_channels,
+                layer.out_channels,
+                kernel_size=tuple(layer.kernel_size),
+                stride=tuple(layer.stride),
+                padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
+                dilation=tuple(layer.dilation),
+            )
+    if type(layer) is nn.Embedding:
+        return LayerFeatures(EMBEDDING, layer.num_embeddings, layer.embedding_dim)
+    return None
+
+
+def _foreign(layer: nn.Module) -> bool:
+    """Subclasses of torch layers that pack their weight (bitsandbytes) need their own backend plugin."""
+    return type(layer).__module__.split(".")[0] == "bitsandbytes"
+
+
+def _is_transposed(layer: nn.Module) -> bool:
+    return bool(TransformersConv1D) and isinstance(layer, TransformersConv1D)
+
+
+def _knows(layer: nn.Module) -> bool:
+    return not _foreign(layer) and isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) or _is_transposed(layer)
+
+
+@hookimpl(trylast=True)
+def peftkit_read_weight(layer: nn.Module) -> torch.Tensor | None:
+    if not _knows(layer):
+        return None
+    weight = layer.weight.data
+    return weight.T if _is_transposed(layer) else weight
+
+
+@hookimpl(trylast=True)
+def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
+    if not _knows(layer):
+        return None
+    target = layer.weight.data
+    target.copy_(weight.T if _is_transposed(layer) else weight)
+    return True

@@ -1,0 +1,212 @@
+"""The hooks a peftkit plugin can implement. This file is the contract: read it first.
+
+Every hook is named ``peftkit_*`` and documented in one template: what it decides; whether the first
+non-None answer wins (firstresult) or all answers are gathered; its parameters; what returning None
+means.
+
+Per-method hooks take a ``config``. Implement them with ``@peftkit.method_impl("<method>")``: the
+core then calls your implementation only for your own method's configs, so no plugin writes dispatch
+code. Hooks without ``config`` (the layer hooks, commands) are answered by whoever knows the layer or
+command; backends such as ``peftkit-bnb`` use them to teach the core new layer types.
+
+Which hooks each method family implements, and why, is in ``docs/concepts.md``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+    import torch
+    from torch import nn
+
+    from peftkit.config import PeftConfig
+    from peftkit.layer_access import LayerFeatures
+    from peftkit.method import MethodSpec
+    from peftkit.model import PeftModel
+
+hookspec = pluggy.HookspecMarker("peftkit")
+
+
+# --- registering -----------------------------------------------------------------------------------
+@hookspec
+def peftkit_register_methods() -> list[MethodSpec]:
+    """Name the methods this plugin provides.
+
+    All answers are gathered. Two plugins that claim one method name or one ``peft_type`` are an error
+    that names both.
+
+    :return: a list of :class:`peftkit.MethodSpec`; None (or an empty list) when the plugin provides no
+        method, as backends and command plugins do.
+    """
+
+
+# --- injecting -------------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def peftkit_inject_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool | None:
+    """Put the adapter ``adapter_name`` of the config's method onto the model.
+
+    firstresult: the owning method answers. Layer methods call
+    :func:`peftkit.injection.inject_into_targets`, which matches ``target_modules`` and wraps each
+    match in the method's :class:`peftkit.AdapterLayer`; prompt methods add their prompt module to
+    ``peft_model.prompt_modules``. Parameters of a new adapter start frozen; freezing decides later.
+
+    :param peft_model: the model being adapted; the base model is ``peft_model.base_model.model``.
+    :param config: the adapter's config, already validated.
+    :param adapter_name: a name not yet used on this model.
+    :return: True once injected; None when the config is not this plugin's method.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_remove_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool | None:
+    """Take the adapter's non-layer state off the model (``delete_adapter``).
+
+    firstresult. The core already removes the adapter from every :class:`peftkit.AdapterLayer`;
+    implement this only for state kept elsewhere (a prompt module).
+
+    :return: True when done; None when there was nothing of this method to remove.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_transform_inputs(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Rewrite the keyword arguments of one forward call of the base model.
+
+    firstresult. Called for each active adapter, in activation order, before the base model runs.
+    Prompt methods prepend virtual tokens here and extend ``attention_mask`` and ``labels``.
+
+    :param inputs: the keyword arguments the user passed (positional ones already named).
+    :return: the new keyword arguments; None to leave them as they are.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_prepare_generation(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Rewrite the keyword arguments of one ``generate()`` call of the base model.
+
+    firstresult. Like :func:`peftkit_transform_inputs`, but the result goes to ``generate``, which
+    runs the KV cache itself: the prompt must be seen by the first step only.
+
+    :return: the new keyword arguments; None to leave them as they are.
+    """
+
+
+# --- freezing --------------------------------------------------------------------------------------
+@hookspec
+def peftkit_trainable_parameters(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str
+) -> list[tuple[str, torch.nn.Parameter]] | None:
+    """Name the parameters that train with an active adapter, beyond its own layers' tensors.
+
+    All answers are gathered. The core already makes trainable the adapter's tensors in every
+    :class:`peftkit.AdapterLayer` and its ``modules_to_save`` copies, and freezes everything else.
+    LoRA answers its ``bias`` choice here; BitFit its offsets; prompt methods their prompt module.
+
+    :return: ``(name, parameter)`` pairs; None when the method trains nothing more.
+    """
+
+
+# --- merging ---------------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def peftkit_merge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool | None:
+    """Fold the adapter into the base weights.
+
+    firstresult. The core's default, run last, merges every :class:`peftkit.AdapterLayer` holding the
+    adapter through :meth:`AdapterLayer.merge`. A method whose spec says ``mergeable=False`` never gets
+    here: the core raises :class:`peftkit.MergeNotSupportedError` first.
+
+    :return: True when merged; None to leave it to the core's default.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_unmerge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool | None:
+    """Take a merged adapter out of the base weights again.
+
+    firstresult, with a default in the core like :func:`peftkit_merge_adapter`.
+
+    :return: True when unmerged; None to leave it to the core's default.
+    """
+
+
+# --- serialising -----------------------------------------------------------------------------------
+@hookspec
+def peftkit_adapter_state_dict(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str
+) -> dict[str, torch.Tensor] | None:
+    """Give the adapter's tensors that live outside its layers, under PEFT's key names.
+
+    All answers are gathered into one file with the core's part: the tensors of every
+    :class:`peftkit.AdapterLayer` (keys ``<key_root><module path>.<tensor>``, adapter name left out, as
+    PEFT saves them). Prompt methods answer ``{"prompt_embeddings": ...}``; LoRA its trained biases.
+
+    :return: a dict of key to tensor; None when the method has nothing outside its layers.
+    """
+
+
+@hookspec
+def peftkit_load_adapter_state_dict(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> list[str] | None:
+    """Load the adapter's tensors that live outside its layers.
+
+    All answers are gathered. ``state_dict`` holds the keys the core did not place in a layer; a key
+    no plugin takes is an error. Check shapes before copying and raise
+    :class:`peftkit.AdapterLoadError` naming the tensor and both shapes.
+
+    :return: the keys taken; None when the method keeps nothing outside its layers.
+    """
+
+
+# --- layers ----------------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def peftkit_layer_features(layer: nn.Module) -> LayerFeatures | None:
+    """Describe a base layer a method may adapt: its kind and its input and output sizes.
+
+    firstresult: the plugin that knows the layer type answers. The core knows ``nn.Linear``,
+    ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`` and transformers' ``Conv1D``.
+
+    :return: a :class:`peftkit.LayerFeatures`; None for a layer type this plugin does not know.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_read_weight(layer: nn.Module) -> torch.Tensor | None:
+    """Read a base layer's dense weight, in the layout ``nn.Linear`` and ``nn.Conv*`` use.
+
+    firstresult. ``(out, in)`` for linear kinds (transformers' ``Conv1D`` is transposed for you),
+    ``(out, in, *kernel)`` for convolutions, ``(num_embeddings, dim)`` for embeddings. A quantized
+    layer dequantizes here.
+
+    :return: the weight (a new tensor or a view); None for a layer type this plugin does not know.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
+    """Write a dense weight, in the layout of :func:`peftkit_read_weight`, back into a base layer.
+
+    firstresult. A quantized layer requantizes here.
+
+    :return: True when written; None for a layer type this plugin does not know.
+    """
+
+
+# --- commands --------------------------------------------------------------------------------------
+@hookspec
+def peftkit_register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``peftkit`` command line.
+
+    All implementations run, once, when the CLI starts.
+
+    :param cli: the top-level click group; call ``cli.add_command(...)`` or decorate with ``cli.command``.
+    :return: None always.
+    """

@@ -1,0 +1,155 @@
+"""Finding the modules a config targets, and wrapping them in a method's adapter layers."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from torch import nn
+
+from peftkit import plugins
+from peftkit.adapter_layer import AdapterLayer
+from peftkit.config import TASK_HEADS, TaskType
+from peftkit.errors import TargetModulesError
+from peftkit.layer_access import LINEAR
+from peftkit.modules_to_save import matches_module_to_save
+
+ALL_LINEAR = "all-linear"
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules an adapter may target: everything but the insides of adapter layers."""
+    out, inside = [], []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(prefix) for prefix in inside):
+            continue
+        out.append((path, module))
+        if isinstance(module, AdapterLayer):
+            inside.append(path + ".")
+    return out
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, AdapterLayer) else module
+
+
+def _all_linear_names(model: nn.Module, config: Any) -> set[str]:
+    """PEFT's "all-linear": every linear layer but the output head (and a classifier head for SEQ_CLS)."""
+    names = set()
+    for path, module in candidate_modules(model):
+        features = plugins.layer_features(_innermost(module))
+        if features is not None and features.kind == LINEAR:
+            names.add(path)
+    excluded = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if output is not None:
+        excluded |= {path for path, module in model.named_modules() if module is output}
+    elif getattr(config, "task_type", None) == TaskType.SEQ_CLS:
+        excluded |= {path for path in names if path.split(".")[-1] in TASK_HEADS[TaskType.SEQ_CLS]}
+    return {path.split(".")[-1] for path in names - excluded}
+
+
+def _layer_index(path: str, layers_pattern: Any) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _matches(path: str, spec: Any) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return path in spec or any(path.endswith("." + name) for name in spec)
+
+
+def is_target(path: str, config: Any, target_modules: Any) -> bool:
+    """PEFT's matching: exclude_modules and modules_to_save first, then target_modules, then layer indices."""
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and _matches(path, exclude):
+        return False
+    if config.modules_to_save and matches_module_to_save(path, config.modules_to_save):
+        return False
+    if not _matches(path, target_modules):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if isinstance(target_modules, str) or layers is None or layers == []:
+        return True
+    index = _layer_index(path, getattr(config, "layers_pattern", None))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def resolved_targets(model: nn.Module, config: Any) -> Any:
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return _all_linear_names(model, config)
+    return targets
+
+
+def find_targets(model: nn.Module, config: Any) -> list[str]:
+    """The paths of the modules ``config.target_modules`` selects, with a helpful error when there are none."""
+    targets = resolved_targets(model, config)
+    found = [path for path, _ in candidate_modules(model) if is_target(path, config, targets)]
+    if not found:
+        raise TargetModulesError(_no_match_message(model, config, targets))
+    return found
+
+
+def _no_match_message(model: nn.Module, config: Any, targets: Any) -> str:
+    adaptable = sorted(
+        {
+            path.split(".")[-1]
+            for path, module in candidate_modules(model)
+            if plugins.layer_features(_innermost(module)) is not None
+        }
+    )
+    asked = [targets] if isinstance(targets, str) else list(targets)
+    hints = []
+    for name in asked:
+        close = difflib.get_close_matches(name.split(".")[-1], adaptable, n=3, cutoff=0.5)
+        if close:
+            hints.append(f"{name!r}: did you mean {', '.join(repr(c) for c in close)}?")
+    message = (
+        f"{type(config).__name__}.target_modules={config.target_modules!r} matched no module of "
+        f"{type(model).__name__}."
+    )
+    if hints:
+        message += " Closest names: " + "; ".join(hints)
+    if adaptable:
+        message += f" Layer names in this model that can be targeted: {', '.join(adaptable)}."
+    return message
+
+
+def inject_into_targets(
+    peft_model: Any, config: Any, adapter_name: str, layer_class: type[AdapterLayer]
+) -> list[str]:
+    """Add the adapter to every targeted module, wrapping it in ``layer_class`` the first time.
+
+    A module already wrapped by ``layer_class`` (another adapter of the same method) gets the new
+    adapter in place; a module wrapped by another method's layer is wrapped once more.
+    """
+    model = peft_model.base_model.model
+    paths = find_targets(model, config)
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, layer_class):
+            features = plugins.layer_features(_innermost(module))
+            if features is None or features.kind not in layer_class.supported_kinds:
+                kind = features.kind if features else f"{type(_innermost(module)).__name__} (unknown to the layer hooks)"
+                raise TargetModulesError(
+                    f"module {path!r} matched target_modules, but {config.method} cannot adapt a {kind} layer; "
+                    f"it adapts: {', '.join(layer_class.supported_kinds)}"
+                )
+            module = layer_class(module, features)
+            model.set_submodule(path, module)
+        module.update_layer(adapter_name, config, path)
+    return paths

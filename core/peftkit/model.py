@@ -1,0 +1,333 @@
+"""The user's model: a base model with named adapters of any installed method, under PEFT's API."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit import plugins, serialization
+from peftkit.adapter_layer import AdapterLayer, adapter_layers
+from peftkit.config import PeftConfig, read_config_dict, with_task_heads
+from peftkit.errors import AdapterNameError, ConfigError, MergeNotSupportedError
+from peftkit.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+
+
+class AdaptedModel(nn.Module):
+    """Holds the base model as ``.model``, so parameter paths read ``base_model.model.<path>`` as in PEFT."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(nn.Module):
+    """A base model with adapters. Call it, ``generate`` with it and save it as you would the base model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base_model = AdaptedModel(model)
+        self.prompt_modules = nn.ModuleDict()  # prompt methods keep their per-adapter modules here
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapters: list[str] = []
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self._adapters_disabled = False
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # --- plumbing -----------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "prompt_modules"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def adapter_layers(self) -> list[tuple[str, AdapterLayer]]:
+        return adapter_layers(self.base_model.model)
+
+    def _method(self, adapter_name: str):
+        return plugins.method_for_config(self.peft_config[adapter_name])
+
+    def _check_known(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNameError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+
+    # --- adapters ---------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new adapter. It is not activated: call :meth:`set_adapter` for that, as in PEFT."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise AdapterNameError(f"adapter names must be non-empty strings without '.', got {adapter_name!r}")
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(f"this model already has an adapter named {adapter_name!r}")
+        if not isinstance(peft_config, PeftConfig):
+            raise ConfigError(f"expected a peftkit config (such as LoraConfig), got {type(peft_config).__name__}")
+        config = with_task_heads(copy.deepcopy(peft_config))
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.base_model.model, "name_or_path", None) or None
+        spec = plugins.method_for_config(config)
+        if not config.peft_type:
+            config.peft_type = spec.peft_type
+        self.peft_config[adapter_name] = config
+        try:
+            if not plugins.inject_adapter(self, config, adapter_name):
+                raise RuntimeError(f"the plugin for {spec.name!r} did not inject the adapter (no hook answered)")
+            wrap_modules_to_save(self.base_model.model, config.modules_to_save, adapter_name)
+        except BaseException:
+            self._remove(adapter_name)
+            raise
+        self._update_trainable()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several at once (their effects add up)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise AdapterNameError("set_adapter needs at least one adapter name")
+        self._check_known(names)
+        if len(names) > 1:
+            for name in names:
+                spec = self._method(name)
+                if not spec.supports_multiple_active:
+                    raise ConfigError(f"{spec.name} adapter {name!r} cannot be active together with other adapters")
+        self.active_adapters = names
+        for _, layer in self.adapter_layers():
+            layer.set_active(names)
+        self._update_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known([adapter_name])
+        self._remove(adapter_name)
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.active_adapters = remaining
+        for _, layer in self.adapter_layers():
+            layer.set_active(remaining)
+        self._update_trainable()
+
+    def _remove(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        for _, layer in self.adapter_layers():
+            if layer.holds(adapter_name):
+                layer.delete_adapter(adapter_name)
+        plugins.remove_adapter(self, config, adapter_name)
+        del self.peft_config[adapter_name]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block, the model computes exactly as the base model."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        previous = [layer.disabled for layer in layers]
+        was_disabled = self._adapters_disabled
+        for layer in layers:
+            layer.disabled = True
+        self._adapters_disabled = True
+        try:
+            yield
+        finally:
+            for layer, state in zip(layers, previous):
+                layer.disabled = state
+            self._adapters_disabled = was_disabled
+
+    # --- freezing ---------------------------------------------------------------------------------
+    def _update_trainable(self) -> None:
+        for param in self.parameters():
+            param.requires_grad_(False)
+        for name in self.active_adapters:
+            config = self.peft_config[name]
+            if config.inference_mode:
+                continue
+            for _, layer in self.adapter_layers():
+                for _, param in layer.adapter_parameters(name):
+                    param.requires_grad_(True)
+            for _, param in plugins.trainable_parameters(self, config, name):
+                param.requires_grad_(True)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- running ----------------------------------------------------------------------------------
+    def _named_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not args:
+            return dict(kwargs)
+        names = [
+            p.name
+            for p in inspect.signature(self.base_model.model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        return {**dict(zip(names, args)), **kwargs}
+
+    def _rewrite(self, inputs: dict[str, Any], rewrite: Any) -> dict[str, Any]:
+        if self._adapters_disabled:
+            return inputs
+        for name in self.active_adapters:
+            changed = rewrite(self, self.peft_config[name], name, inputs)
+            if changed is not None:
+                inputs = changed
+        return inputs
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.transform_inputs)
+        return self.base_model(**inputs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.prepare_generation)
+        return self.base_model.model.generate(**inputs)
+
+    # --- merging ----------------------------------------------------------------------------------
+    def _check_mergeable(self, names: list[str]) -> None:
+        for name in names:
+            spec = self._method(name)
+            if not spec.mergeable:
+                raise MergeNotSupportedError(
+                    f"adapter {name!r} is a {spec.name} adapter, and {spec.name} cannot be merged into the base "
+                    "weights; keep the PeftModel for inference, or use a mergeable method such as LoRA"
+                )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        self._check_known(names)
+        self._check_mergeable(names)
+        for name in names:
+            config = self.peft_config[name]
+            if plugins.merge_adapter(self, config, name):
+                continue
+            for _, layer in self.adapter_layers():
+                if layer.holds(name):
+                    layer.merge([name], safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for name in reversed(list(self.peft_config)):
+            if plugins.unmerge_adapter(self, self.peft_config[name], name):
+                continue
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Fold the adapters in and give back the plain base model, with no peftkit module left in it."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload(progressbar)
+
+    def unload(self) -> nn.Module:
+        """Give back the base model without merging: the adapters are dropped."""
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+        return self._unload(False)
+
+    def _unload(self, progressbar: bool) -> nn.Module:
+        model = self.base_model.model
+        layers = self.adapter_layers()
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            layers = tqdm(layers, desc="Unloading")
+        # innermost first, so each path still resolves when its outer wrapper is replaced
+        for path, layer in sorted(layers, key=lambda item: -item[0].count(".")):
+            replacement = layer.unloaded()
+            while isinstance(replacement, AdapterLayer) and not isinstance(replacement, ModulesToSaveWrapper):
+                replacement = replacement.unloaded()
+            model.set_submodule(path, replacement)
+        return model
+
+    # --- saving and loading -----------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_: Any) -> None:
+        """Write each adapter in PEFT's format: "default" at the top, any other under a sub-folder of its name."""
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_known(names)
+        from peftkit import __version__
+
+        with serialization.atomic_folder(save_directory) as staging:
+            for name in names:
+                folder = staging if name == "default" else staging / name
+                folder.mkdir(parents=True, exist_ok=True)
+                config = self.peft_config[name]
+                spec = plugins.method_for_config(config)
+                metadata = {"peftkit.version": __version__, "peftkit.method": spec.name}
+                if spec.distribution:
+                    metadata["peftkit.plugin"] = spec.distribution
+                if spec.version:
+                    metadata["peftkit.plugin_version"] = spec.version
+                serialization.write_tensors(folder, serialization.adapter_state_dict(self, name), metadata)
+                config.save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        subfolder: str | None = None,
+        **_: Any,
+    ) -> PeftModel:
+        """Load a saved adapter (ours or PEFT's) onto ``model``; it is active and, unless is_trainable, frozen."""
+        folder = Path(model_id, subfolder) if subfolder else Path(model_id)
+        config = config if config is not None else load_config(folder)
+        config.inference_mode = not is_trainable
+        tensors = serialization.read_tensors(folder)
+        peft_model = cls(model, config, adapter_name)
+        serialization.load_adapter_state_dict(peft_model, adapter_name, tensors)
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False, subfolder: str | None = None, **_: Any
+    ) -> None:
+        """Load another saved adapter under ``adapter_name``; like :meth:`add_adapter`, it is not activated."""
+        folder = Path(model_id, subfolder) if subfolder else Path(model_id)
+        config = load_config(folder)
+        config.inference_mode = not is_trainable
+        tensors = serialization.read_tensors(folder)
+        self.add_adapter(adapter_name, config)
+        try:
+            serialization.load_adapter_state_dict(self, adapter_name, tensors)
+        except BaseException:
+            self._remove(adapter_name)
+            raise
+        self._update_trainable()
+
+
+def load_config(folder: str | Path) -> PeftConfig:
+    """Read an adapter folder's config into the config class of the installed plugin for its peft_type."""
+    data = read_config_dict(folder)
+    spec = plugins.method_for_peft_type(data["peft_type"])
+    return spec.config_class.from_dict(data)
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+) -> PeftModel:
+    """Wrap ``model`` with a new, trainable adapter of the config's method."""
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

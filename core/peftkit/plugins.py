@@ -1,0 +1,262 @@
+"""The one owner of the plugin manager, and the typed calls the rest of the core makes through it.
+
+Nothing loads at import: the first call that needs plugins discovers them. Tests register plugin
+objects directly with :func:`register` (or :func:`registered` as a context manager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from peftkit import hookspecs
+from peftkit.discovery import PluginOrigin, load_entry_points
+from peftkit.errors import PluginConflictError, UnknownMethodError
+from peftkit.method import MethodSpec, method_of
+
+if TYPE_CHECKING:
+    import click
+    import torch
+    from torch import nn
+
+    from peftkit.config import PeftConfig
+    from peftkit.layer_access import LayerFeatures
+    from peftkit.model import PeftModel
+
+# PEFT's peft_type values and the peftkit package that provides each, for "install X" advice.
+PACKAGE_FOR_PEFT_TYPE = {
+    "LORA": "peftkit-lora",
+    "PROMPT_TUNING": "peftkit-prompt-tuning",
+    "PREFIX_TUNING": "peftkit-prefix-tuning",
+    "P_TUNING": "peftkit-p-tuning",
+    "IA3": "peftkit-ia3",
+    "LOHA": "peftkit-loha",
+    "LOKR": "peftkit-lokr",
+    "ADALORA": "peftkit-adalora",
+    "BOTTLENECK": "peftkit-bottleneck",
+    "BITFIT": "peftkit-bitfit",
+}
+
+
+class PluginHost:
+    """The plugin manager with what discovery found, and the method registry built from it."""
+
+    def __init__(self, discover: bool = True) -> None:
+        self.pm = pluggy.PluginManager("peftkit")
+        self.pm.add_hookspecs(hookspecs)
+        self.origins: dict[str, PluginOrigin] = {}
+        self.broken: list[PluginOrigin] = []
+        self._methods: dict[str, MethodSpec] | None = None
+        from peftkit.builtin import torch_layers
+
+        self.pm.register(torch_layers, name="peftkit.builtin.torch_layers")
+        if discover:
+            loaded, self.broken = load_entry_points()
+            for plugin, origin in loaded:
+                self.pm.register(plugin, name=origin.name)
+                self.origins[origin.name] = origin
+
+    def register(self, plugin: object, name: str | None = None, origin: PluginOrigin | None = None) -> str:
+        registered = self.pm.register(plugin, name=name)
+        if origin is not None:
+            self.origins[registered] = origin
+        self._methods = None
+        return registered
+
+    def unregister(self, plugin: object) -> None:
+        name = self.pm.get_name(plugin)
+        self.pm.unregister(plugin)
+        self.origins.pop(name, None)
+        self._methods = None
+
+    @property
+    def methods(self) -> dict[str, MethodSpec]:
+        if self._methods is None:
+            self._methods = self._collect_methods()
+        return self._methods
+
+    def _collect_methods(self) -> dict[str, MethodSpec]:
+        methods: dict[str, MethodSpec] = {}
+        owner: dict[str, str] = {}
+        # Ask each implementation on its own, so every method is tied to the plugin that registered it.
+        for impl in self.pm.hook.peftkit_register_methods.get_hookimpls():
+            origin = self.origins.get(impl.plugin_name)
+            label = origin.distribution if origin and origin.distribution else impl.plugin_name
+            for spec in impl.function() or []:
+                for key, what in ((spec.name, "method name"), (spec.peft_type, "peft_type")):
+                    if key in owner:
+                        raise PluginConflictError(
+                            f"plugins {owner[key]!r} and {label!r} both provide the {what} {key!r}; "
+                            "uninstall one, or block one with PEFTKIT_BLOCK_PLUGINS"
+                        )
+                if origin is not None:
+                    spec = dataclasses.replace(
+                        spec, distribution=spec.distribution or origin.distribution, version=spec.version or origin.version
+                    )
+                owner[spec.name] = owner[spec.peft_type] = label
+                methods[spec.name] = spec
+        return methods
+
+    def hooks_of(self, plugin_name: str) -> list[str]:
+        plugin = self.pm.get_plugin(plugin_name)
+        return sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
+
+
+_host: PluginHost | None = None
+
+
+def host() -> PluginHost:
+    """The process's plugin host, created (and plugins discovered) on first use."""
+    global _host
+    if _host is None:
+        _host = PluginHost()
+    return _host
+
+
+def reset(discover: bool = True) -> PluginHost:
+    """Start over with a fresh host: for tests, and after installing a plugin in a running process."""
+    global _host
+    _host = PluginHost(discover=discover)
+    return _host
+
+
+def register(plugin: object, name: str | None = None) -> str:
+    return host().register(plugin, name=name)
+
+
+def unregister(plugin: object) -> None:
+    host().unregister(plugin)
+
+
+@contextlib.contextmanager
+def registered(plugin: object, name: str | None = None) -> Iterator[object]:
+    """Register a plugin object for the duration of a ``with`` block."""
+    register(plugin, name=name)
+    try:
+        yield plugin
+    finally:
+        unregister(plugin)
+
+
+# --- the method registry ---------------------------------------------------------------------------
+def methods() -> dict[str, MethodSpec]:
+    return host().methods
+
+
+def _install_hint(peft_type: str) -> str:
+    package = PACKAGE_FOR_PEFT_TYPE.get(peft_type, "peftkit-" + peft_type.lower().replace("_", "-"))
+    return f"install {package!r} to use it"
+
+
+def _installed() -> str:
+    names = sorted(f"{spec.name} ({spec.peft_type})" for spec in methods().values())
+    return ", ".join(names) if names else "none"
+
+
+def method_named(name: str) -> MethodSpec:
+    spec = methods().get(name)
+    if spec is None:
+        raise UnknownMethodError(f"no installed plugin provides the method {name!r}; installed methods: {_installed()}")
+    return spec
+
+
+def method_for_peft_type(peft_type: str) -> MethodSpec:
+    for spec in methods().values():
+        if spec.peft_type == peft_type:
+            return spec
+    raise UnknownMethodError(
+        f"no installed plugin provides peft_type {peft_type!r} ({_install_hint(peft_type)}); "
+        f"installed methods: {_installed()}"
+    )
+
+
+def method_for_config(config: PeftConfig) -> MethodSpec:
+    name = method_of(config)
+    if not name:
+        raise UnknownMethodError(f"{type(config).__name__} names no method: set its class attribute 'method'")
+    return method_named(name)
+
+
+def config_class_named(class_name: str) -> type | None:
+    for spec in methods().values():
+        if spec.config_class.__name__ == class_name:
+            return spec.config_class
+    return None
+
+
+# --- typed hook calls ------------------------------------------------------------------------------
+def _hook() -> Any:
+    return host().pm.hook
+
+
+def inject_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
+    return bool(_hook().peftkit_inject_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name))
+
+
+def remove_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> None:
+    _hook().peftkit_remove_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name)
+
+
+def transform_inputs(peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict) -> dict | None:
+    return _hook().peftkit_transform_inputs(
+        peft_model=peft_model, config=config, adapter_name=adapter_name, inputs=inputs
+    )
+
+
+def prepare_generation(peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict) -> dict | None:
+    return _hook().peftkit_prepare_generation(
+        peft_model=peft_model, config=config, adapter_name=adapter_name, inputs=inputs
+    )
+
+
+def trainable_parameters(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> list[tuple[str, Any]]:
+    answers = _hook().peftkit_trainable_parameters(peft_model=peft_model, config=config, adapter_name=adapter_name)
+    return [pair for answer in answers for pair in answer]
+
+
+def merge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
+    return bool(_hook().peftkit_merge_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name))
+
+
+def unmerge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
+    return bool(_hook().peftkit_unmerge_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name))
+
+
+def extra_state_dict(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    merged: dict[str, torch.Tensor] = {}
+    for answer in _hook().peftkit_adapter_state_dict(peft_model=peft_model, config=config, adapter_name=adapter_name):
+        merged.update(answer)
+    return merged
+
+
+def load_extra_state_dict(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> set[str]:
+    answers = _hook().peftkit_load_adapter_state_dict(
+        peft_model=peft_model, config=config, adapter_name=adapter_name, state_dict=state_dict
+    )
+    return {key for answer in answers for key in answer}
+
+
+def layer_features(layer: nn.Module) -> LayerFeatures | None:
+    return _hook().peftkit_layer_features(layer=layer)
+
+
+def read_weight(layer: nn.Module) -> torch.Tensor:
+    weight = _hook().peftkit_read_weight(layer=layer)
+    if weight is None:
+        raise TypeError(f"no installed plugin can read the weight of a {type(layer).__name__} layer")
+    return weight
+
+
+def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    if not _hook().peftkit_write_weight(layer=layer, weight=weight):
+        raise TypeError(f"no installed plugin can write the weight of a {type(layer).__name__} layer")
+
+
+def register_commands(cli: click.Group) -> None:
+    _hook().peftkit_register_commands(cli=cli)

@@ -1,0 +1,159 @@
+"""Adapter tensors to and from PEFT's on-disk format, with atomic saves and clear load errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from peftkit import plugins
+from peftkit.adapter_layer import adapter_layers
+from peftkit.errors import AdapterLoadError
+
+if TYPE_CHECKING:
+    from peftkit.model import PeftModel
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def layer_tensors(peft_model: PeftModel, adapter_name: str, key_root: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in every adapter layer, keyed as PEFT keys them (no adapter name)."""
+    out = {}
+    for path, layer in adapter_layers(peft_model.base_model.model):
+        for local, tensor in layer.adapter_parameters(adapter_name):
+            out[f"{key_root}{path}.{local}"] = tensor
+    return out
+
+
+def adapter_state_dict(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    config = peft_model.peft_config[adapter_name]
+    spec = plugins.method_for_config(config)
+    state = layer_tensors(peft_model, adapter_name, spec.key_root)
+    state.update(plugins.extra_state_dict(peft_model, config, adapter_name))
+    return {key: tensor.detach() for key, tensor in state.items()}
+
+
+def load_adapter_state_dict(peft_model: PeftModel, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into a freshly injected adapter; any shape or key mismatch is an error."""
+    config = peft_model.peft_config[adapter_name]
+    spec = plugins.method_for_config(config)
+    expected = layer_tensors(peft_model, adapter_name, spec.key_root)
+    for key, target in expected.items():
+        if key not in state:
+            raise AdapterLoadError(
+                f"the adapter file has no tensor {key!r}, which the adapter's config implies for this base model"
+            )
+        check_shape(key, state[key], target)
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
+    rest = {key: value for key, value in state.items() if key not in expected}
+    taken = plugins.load_extra_state_dict(peft_model, config, adapter_name, rest) if rest else set()
+    unknown = sorted(set(rest) - taken)
+    if unknown:
+        raise AdapterLoadError(
+            f"the adapter file holds tensor {unknown[0]!r} ({len(unknown)} unplaced in all), which no module "
+            f"of this {spec.name} adapter takes: the adapter does not fit this base model"
+        )
+
+
+def check_shape(key: str, saved: torch.Tensor, target: torch.Tensor) -> None:
+    if tuple(saved.shape) != tuple(target.shape):
+        raise AdapterLoadError(
+            f"tensor {key!r} has shape {tuple(saved.shape)} in the adapter file but {tuple(target.shape)} "
+            "in the model: the adapter was made for a base model of another size"
+        )
+
+
+def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder: safetensors, or a legacy .bin read with weights_only=True."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterLoadError(
+                f"{str(path)!r} is not a readable safetensors file ({exc}); it may be truncated or corrupt"
+            ) from exc
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterLoadError(f"{str(legacy)!r} could not be read as a weights-only torch file: {exc}") from exc
+    raise AdapterLoadError(f"{str(directory)!r} has no {WEIGHTS_NAME} (nor a legacy {LEGACY_WEIGHTS_NAME})")
+
+
+def read_metadata(directory: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def write_tensors(directory: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared storage; PEFT's files hold one contiguous copy per tensor.
+    ready = {key: tensor.detach().to("cpu").contiguous().clone() for key, tensor in tensors.items()}
+    save_file(ready, str(Path(directory) / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Build a folder's new content in a temporary folder beside it, then swap it into place.
+
+    If anything fails before the swap, the target is untouched. Entries of the old folder that the new
+    content does not replace (other adapters' sub-folders, a README) are carried over.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    if not target.is_dir():
+        shutil.rmtree(staging, ignore_errors=True)
+        raise NotADirectoryError(f"cannot save an adapter to {str(target)!r}: it is a file, not a folder")
+    for entry in target.iterdir():
+        if not (staging / entry.name).exists():
+            # keep what the old folder had beside the adapter (hard links: no copying, old folder intact)
+            _link_or_copy(entry, staging / entry.name)
+    backup = target.with_name(f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+    os.replace(target, backup)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    if source.is_dir():
+        shutil.copytree(source, destination, copy_function=_link_file)
+    else:
+        _link_file(source, destination)
+
+
+def _link_file(source: str | Path, destination: str | Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

@@ -1,0 +1,109 @@
+"""LoraConfig: PEFT's LoRA fields, names, defaults and meaning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peftkit.config import (
+    PeftConfig,
+    check_choice,
+    check_positive_int,
+    check_probability,
+    check_str_list,
+    fail,
+)
+
+INIT_CHOICES = (True, False, "gaussian")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA: adds ``scaling · B A`` to each targeted layer, ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
+
+    ``target_modules``: names or name suffixes, a regex matched against the full module path, or
+    ``"all-linear"``; None picks PEFT's default for known architectures. ``rank_pattern`` and
+    ``alpha_pattern`` map regexes (matched on the end of the module path) to per-module values.
+    """
+
+    method: ClassVar[str] = "lora"
+    peft_only_fields: ClassVar[dict[str, Any]] = {
+        "use_dora": False,
+        "lora_bias": False,
+        "use_qalora": False,
+        "trainable_token_indices": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "velora_config": None,
+        "alora_invocation_tokens": None,
+        "monteclora_config": None,
+        "megatron_config": None,
+        "layer_replication": None,
+        "target_parameters": None,
+        "use_bdlora": None,
+        "arrow_config": None,
+        "kasa_config": None,
+        # PEFT fields that change nothing unless one of the above is set
+        "megatron_core": "megatron.core",
+        "qalora_group_size": 16,
+        "ensure_weight_tying": False,
+        "runtime_config": None,
+    }
+
+    peft_type: str = "LORA"
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: int | float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self, "r")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise fail(self, "lora_alpha", self.lora_alpha, "a positive number")
+        check_probability(self, "lora_dropout")
+        check_choice(self, "bias", BIAS_CHOICES)
+        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, int) and not isinstance(
+            self.init_lora_weights, bool
+        ):
+            raise fail(self, "init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
+        for name in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise fail(self, name, getattr(self, name), "True or False")
+        check_str_list(self, "target_modules", allow_str=True)
+        check_str_list(self, "exclude_modules", allow_str=True)
+        self._check_layers()
+        self._check_patterns()
+
+    def _check_layers(self) -> None:
+        layers = self.layers_to_transform
+        if layers is not None:
+            values = [layers] if isinstance(layers, int) else layers
+            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+                raise fail(self, "layers_to_transform", layers, "None, a layer index or a list of layer indices")
+            if isinstance(self.target_modules, str):
+                raise fail(self, "layers_to_transform", layers, "None when target_modules is a regex string")
+        if self.layers_pattern is not None:
+            check_str_list(self, "layers_pattern", allow_str=True)
+            if layers is None:
+                raise fail(self, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set")
+
+    def _check_patterns(self) -> None:
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise fail(self, "rank_pattern", {key: value}, "a dict of module regex to positive integer rank")
+        for key, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise fail(self, "alpha_pattern", {key: value}, "a dict of module regex to positive alpha")

@@ -1,0 +1,87 @@
+"""LoRA's hook implementations: register, inject into targeted layers, train and save biases as asked."""
+
+from __future__ import annotations
+
+import torch
+
+from peftkit import MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
+
+from peftkit.serialization import check_shape
+
+from peftkit_lora.config import LoraConfig
+from peftkit_lora.layer import LoraLayer
+
+# PEFT's default targets when target_modules is None, by transformers model_type.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+}
+
+
+@hookimpl
+def peftkit_register_methods() -> list[MethodSpec]:
+    return [MethodSpec(name="lora", config_class=LoraConfig, peft_type="LORA", family="weight-delta")]
+
+
+@method_impl("lora")
+def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) -> bool:
+    if config.target_modules is None:
+        model_type = getattr(getattr(peft_model.base_model.model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise TargetModulesError(
+                f"LoraConfig.target_modules is None and peftkit-lora has no default for model_type {model_type!r}; "
+                "name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear')"
+            )
+        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    inject_into_targets(peft_model, config, adapter_name, LoraLayer)
+    return True
+
+
+def _trained_biases(peft_model, config: LoraConfig) -> dict[str, torch.nn.Parameter]:
+    """The biases LoRA trains: none, all of the model's, or those of LoRA-adapted layers only."""
+    if config.bias == "none":
+        return {}
+    model = peft_model.base_model.model
+    biases = {name: p for name, p in model.named_parameters() if name.endswith("bias") and ".lora_" not in name}
+    if config.bias == "lora_only":
+        wrapped = [path + ".base_layer." for path, module in model.named_modules() if isinstance(module, LoraLayer)]
+        biases = {name: p for name, p in biases.items() if any(name.startswith(prefix) for prefix in wrapped)}
+    return biases
+
+
+@method_impl("lora")
+def peftkit_trainable_parameters(peft_model, config: LoraConfig, adapter_name: str):
+    return list(_trained_biases(peft_model, config).items())
+
+
+@method_impl("lora")
+def peftkit_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str):
+    return {f"base_model.model.{name}": p for name, p in _trained_biases(peft_model, config).items()}
+
+
+@method_impl("lora")
+def peftkit_load_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str, state_dict):
+    biases = _trained_biases(peft_model, config)
+    taken = []
+    for key, value in state_dict.items():
+        name = key.removeprefix("base_model.model.")
+        if name not in biases:
+            continue
+        check_shape(key, value, biases[name])
+        with torch.no_grad():
+            biases[name].copy_(value)
+        taken.append(key)
+    return taken
