@@ -31,7 +31,10 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 128, n_embd: int = 32, **override
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    settings = dict(vocab_size=vocab_size, n_embd=n_embd, n_layer=2, n_head=4, n_positions=128)
+    settings = dict(
+        vocab_size=vocab_size, n_embd=n_embd, n_layer=2, n_head=4, n_positions=128,
+        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+    )
     settings.update(overrides)
     return GPT2LMHeadModel(GPT2Config(**settings)).eval()
 
