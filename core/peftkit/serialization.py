@@ -56,12 +56,28 @@ def load_adapter_state_dict(peft_model: PeftModel, adapter_name: str, state: dic
             target.copy_(state[key])
     rest = {key: value for key, value in state.items() if key not in expected}
     taken = plugins.load_extra_state_dict(peft_model, config, adapter_name, rest) if rest else set()
+    taken |= _load_base_weights(peft_model, spec.key_root, {k: v for k, v in rest.items() if k not in taken})
     unknown = sorted(set(rest) - taken)
     if unknown:
         raise AdapterLoadError(
             f"the adapter file holds tensor {unknown[0]!r} ({len(unknown)} unplaced in all), which no module "
             f"of this {spec.name} adapter takes: the adapter does not fit this base model"
         )
+
+
+def _load_base_weights(peft_model: PeftModel, key_root: str, state: dict[str, torch.Tensor]) -> set[str]:
+    """Base weights saved beside the adapter, as PEFT saves targeted embeddings (to carry a resized vocabulary)."""
+    params = dict(peft_model.base_model.model.named_parameters())
+    taken = set()
+    for key, value in state.items():
+        target = params.get(key.removeprefix(key_root)) if key.startswith(key_root) else None
+        if target is None:
+            continue
+        check_shape(key, value, target)
+        with torch.no_grad():
+            target.copy_(value)
+        taken.add(key)
+    return taken
 
 
 def check_shape(key: str, saved: torch.Tensor, target: torch.Tensor) -> None:
