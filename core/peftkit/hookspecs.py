@@ -9,7 +9,9 @@ core then calls your implementation only for your own method's configs, so no pl
 code. Hooks without ``config`` (the layer hooks, commands) are answered by whoever knows the layer or
 command; backends such as ``peftkit-bnb`` use them to teach the core new layer types.
 
-Which hooks each method family implements, and why, is in ``docs/concepts.md``.
+Per-method hooks share three parameters: ``peft_model`` (the :class:`peftkit.PeftModel`; the base
+model is ``peft_model.base_model.model``), ``config`` (the adapter's config, validated) and
+``adapter_name``. Which hooks each method family implements, and why, is in ``docs/concepts.md``.
 """
 
 from __future__ import annotations
@@ -95,6 +97,23 @@ def peftkit_prepare_generation(
     firstresult. Like :func:`peftkit_transform_inputs`, but the result goes to ``generate``, which
     runs the KV cache itself: the prompt must be seen by the first step only.
 
+    :param inputs: the keyword arguments the user passed to ``generate`` (positional ones already named).
+    :return: the new keyword arguments; None to leave them as they are.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_prepare_generation_step(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, model_inputs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Rewrite the keyword arguments of one step of ``generate()``, just before the base model runs it.
+
+    firstresult. Called for each active adapter, in activation order, on what the base model's
+    ``prepare_inputs_for_generation`` made for this step: the prompt step (empty KV cache), then one
+    step per new token. Prompt methods for decoder-only models prepend their virtual tokens at the
+    prompt step and extend ``attention_mask`` at every step, as PEFT does.
+
+    :param model_inputs: the keyword arguments of the base model's forward for this step.
     :return: the new keyword arguments; None to leave them as they are.
     """
 
@@ -162,6 +181,7 @@ def peftkit_load_adapter_state_dict(
     no plugin takes is an error. Check shapes before copying and raise
     :class:`peftkit.AdapterLoadError` naming the tensor and both shapes.
 
+    :param state_dict: saved key to tensor, PEFT's key names.
     :return: the keys taken; None when the method keeps nothing outside its layers.
     """
 
@@ -174,6 +194,7 @@ def peftkit_layer_features(layer: nn.Module) -> LayerFeatures | None:
     firstresult: the plugin that knows the layer type answers. The core knows ``nn.Linear``,
     ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding`` and transformers' ``Conv1D``.
 
+    :param layer: the innermost base layer (never a peftkit adapter layer).
     :return: a :class:`peftkit.LayerFeatures`; None for a layer type this plugin does not know.
     """
 
@@ -186,6 +207,7 @@ def peftkit_read_weight(layer: nn.Module) -> torch.Tensor | None:
     ``(out, in, *kernel)`` for convolutions, ``(num_embeddings, dim)`` for embeddings. A quantized
     layer dequantizes here.
 
+    :param layer: the innermost base layer.
     :return: the weight (a new tensor or a view); None for a layer type this plugin does not know.
     """
 
@@ -196,6 +218,8 @@ def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
 
     firstresult. A quantized layer requantizes here.
 
+    :param layer: the innermost base layer.
+    :param weight: the new dense weight, same shape as :func:`peftkit_read_weight` gave.
     :return: True when written; None for a layer type this plugin does not know.
     """
 
