@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from peftkit import plugins, serialization
@@ -75,17 +75,23 @@ class PeftModel(nn.Module):
     def _check_known(self, names: list[str]) -> None:
         for name in names:
             if name not in self.peft_config:
-                raise AdapterNameError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}")
+                raise AdapterNameError(
+                    f"no adapter named {name!r}; this model has {sorted(self.peft_config)}"
+                )
 
     # --- adapters ---------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Inject a new adapter. It is not activated: call :meth:`set_adapter` for that, as in PEFT."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise AdapterNameError(f"adapter names must be non-empty strings without '.', got {adapter_name!r}")
+            raise AdapterNameError(
+                f"adapter names must be non-empty strings without '.', got {adapter_name!r}"
+            )
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"this model already has an adapter named {adapter_name!r}")
         if not isinstance(peft_config, PeftConfig):
-            raise ConfigError(f"expected a peftkit config (such as LoraConfig), got {type(peft_config).__name__}")
+            raise ConfigError(
+                f"expected a peftkit config (such as LoraConfig), got {type(peft_config).__name__}"
+            )
         config = with_task_heads(copy.deepcopy(peft_config))
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.base_model.model, "name_or_path", None) or None
@@ -95,7 +101,9 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         try:
             if not plugins.inject_adapter(self, config, adapter_name):
-                raise RuntimeError(f"the plugin for {spec.name!r} did not inject the adapter (no hook answered)")
+                raise RuntimeError(
+                    f"the plugin for {spec.name!r} did not inject the adapter (no hook answered)"
+                )
             wrap_modules_to_save(self.base_model.model, config.modules_to_save, adapter_name)
         except BaseException:
             self._remove(adapter_name)
@@ -112,7 +120,9 @@ class PeftModel(nn.Module):
             for name in names:
                 spec = self._method(name)
                 if not spec.supports_multiple_active:
-                    raise ConfigError(f"{spec.name} adapter {name!r} cannot be active together with other adapters")
+                    raise ConfigError(
+                        f"{spec.name} adapter {name!r} cannot be active together with other adapters"
+                    )
         self.active_adapters = names
         for _, layer in self.adapter_layers():
             layer.set_active(names)
@@ -174,7 +184,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # --- running ----------------------------------------------------------------------------------
     def _named_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +214,31 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.prepare_generation)
-        return self.base_model.model.generate(**inputs)
+        with self._rewriting_generation_steps():
+            return self.base_model.model.generate(**inputs)
+
+    @contextlib.contextmanager
+    def _rewriting_generation_steps(self) -> Iterator[None]:
+        """While ``generate`` runs, pass each step's model inputs through ``peftkit_prepare_generation_step``."""
+        model = self.base_model.model
+        original = getattr(model, "prepare_inputs_for_generation", None)
+        if original is None:
+            yield
+            return
+        had_own = "prepare_inputs_for_generation" in vars(model)
+
+        @functools.wraps(original)
+        def prepare_step(*args: Any, **kwargs: Any) -> Any:
+            return self._rewrite(original(*args, **kwargs), plugins.prepare_generation_step)
+
+        model.prepare_inputs_for_generation = prepare_step
+        try:
+            yield
+        finally:
+            if had_own:
+                model.prepare_inputs_for_generation = original
+            else:
+                del model.prepare_inputs_for_generation
 
     # --- merging ----------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
@@ -262,7 +298,9 @@ class PeftModel(nn.Module):
         return model
 
     # --- saving and loading -----------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_: Any
+    ) -> None:
         """Write each adapter in PEFT's format: "default" at the top, any other under a sub-folder of its name."""
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         self._check_known(names)
@@ -303,7 +341,12 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(
-        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False, subfolder: str | None = None, **_: Any
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        subfolder: str | None = None,
+        **_: Any,
     ) -> None:
         """Load another saved adapter under ``adapter_name``; like :meth:`add_adapter`, it is not activated."""
         folder = Path(model_id, subfolder) if subfolder else Path(model_id)
@@ -327,7 +370,10 @@ def load_config(folder: str | Path) -> PeftConfig:
 
 
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = True
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
 ) -> PeftModel:
     """Wrap ``model`` with a new, trainable adapter of the config's method."""
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -51,6 +51,7 @@ class PluginHost:
         self.origins: dict[str, PluginOrigin] = {}
         self.broken: list[PluginOrigin] = []
         self._methods: dict[str, MethodSpec] | None = None
+        self._owners: dict[str, str] = {}
         from peftkit.builtin import torch_layers
 
         self.pm.register(torch_layers, name="peftkit.builtin.torch_layers")
@@ -82,6 +83,7 @@ class PluginHost:
     def _collect_methods(self) -> dict[str, MethodSpec]:
         methods: dict[str, MethodSpec] = {}
         owner: dict[str, str] = {}
+        plugin_names: dict[str, str] = {}
         # Ask each implementation on its own, so every method is tied to the plugin that registered it.
         for impl in self.pm.hook.peftkit_register_methods.get_hookimpls():
             origin = self.origins.get(impl.plugin_name)
@@ -95,11 +97,21 @@ class PluginHost:
                         )
                 if origin is not None:
                     spec = dataclasses.replace(
-                        spec, distribution=spec.distribution or origin.distribution, version=spec.version or origin.version
+                        spec,
+                        distribution=spec.distribution or origin.distribution,
+                        version=spec.version or origin.version,
                     )
                 owner[spec.name] = owner[spec.peft_type] = label
                 methods[spec.name] = spec
+                plugin_names[spec.name] = impl.plugin_name
+        self._owners = plugin_names
         return methods
+
+    def plugin_of(self, method_name: str) -> str:
+        """The registered name of the plugin providing a method: a key of ``origins``, a name for ``hooks_of``."""
+        if method_name not in self.methods:
+            raise UnknownMethodError(f"no installed plugin provides the method {method_name!r}")
+        return self._owners[method_name]
 
     def hooks_of(self, plugin_name: str) -> list[str]:
         plugin = self.pm.get_plugin(plugin_name)
@@ -147,9 +159,13 @@ def methods() -> dict[str, MethodSpec]:
     return host().methods
 
 
+def package_for_peft_type(peft_type: str) -> str:
+    """The distribution to install for a peft_type (by peftkit's naming rule when not a known one)."""
+    return PACKAGE_FOR_PEFT_TYPE.get(peft_type, "peftkit-" + peft_type.lower().replace("_", "-"))
+
+
 def _install_hint(peft_type: str) -> str:
-    package = PACKAGE_FOR_PEFT_TYPE.get(peft_type, "peftkit-" + peft_type.lower().replace("_", "-"))
-    return f"install {package!r} to use it"
+    return f"install {package_for_peft_type(peft_type)!r} to use it"
 
 
 def _installed() -> str:
@@ -160,7 +176,9 @@ def _installed() -> str:
 def method_named(name: str) -> MethodSpec:
     spec = methods().get(name)
     if spec is None:
-        raise UnknownMethodError(f"no installed plugin provides the method {name!r}; installed methods: {_installed()}")
+        raise UnknownMethodError(
+            f"no installed plugin provides the method {name!r}; installed methods: {_installed()}"
+        )
     return spec
 
 
@@ -194,41 +212,65 @@ def _hook() -> Any:
 
 
 def inject_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
-    return bool(_hook().peftkit_inject_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name))
+    return bool(
+        _hook().peftkit_inject_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name)
+    )
 
 
 def remove_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> None:
     _hook().peftkit_remove_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name)
 
 
-def transform_inputs(peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict) -> dict | None:
+def transform_inputs(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict
+) -> dict | None:
     return _hook().peftkit_transform_inputs(
         peft_model=peft_model, config=config, adapter_name=adapter_name, inputs=inputs
     )
 
 
-def prepare_generation(peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict) -> dict | None:
+def prepare_generation(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict
+) -> dict | None:
     return _hook().peftkit_prepare_generation(
         peft_model=peft_model, config=config, adapter_name=adapter_name, inputs=inputs
     )
 
 
-def trainable_parameters(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> list[tuple[str, Any]]:
-    answers = _hook().peftkit_trainable_parameters(peft_model=peft_model, config=config, adapter_name=adapter_name)
+def prepare_generation_step(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict
+) -> dict | None:
+    return _hook().peftkit_prepare_generation_step(
+        peft_model=peft_model, config=config, adapter_name=adapter_name, model_inputs=inputs
+    )
+
+
+def trainable_parameters(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str
+) -> list[tuple[str, Any]]:
+    answers = _hook().peftkit_trainable_parameters(
+        peft_model=peft_model, config=config, adapter_name=adapter_name
+    )
     return [pair for answer in answers for pair in answer]
 
 
 def merge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
-    return bool(_hook().peftkit_merge_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name))
+    return bool(
+        _hook().peftkit_merge_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name)
+    )
 
 
 def unmerge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
-    return bool(_hook().peftkit_unmerge_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name))
+    return bool(
+        _hook().peftkit_unmerge_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name)
+    )
 
 
 def extra_state_dict(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
     merged: dict[str, torch.Tensor] = {}
-    for answer in _hook().peftkit_adapter_state_dict(peft_model=peft_model, config=config, adapter_name=adapter_name):
+    for answer in _hook().peftkit_adapter_state_dict(
+        peft_model=peft_model, config=config, adapter_name=adapter_name
+    ):
         merged.update(answer)
     return merged
 

@@ -55,7 +55,8 @@ def load_adapter_state_dict(peft_model: PeftModel, adapter_name: str, state: dic
         for key, target in expected.items():
             target.copy_(state[key])
     rest = {key: value for key, value in state.items() if key not in expected}
-    taken = plugins.load_extra_state_dict(peft_model, config, adapter_name, rest) if rest else set()
+    # asked even when nothing is left, so a method can say that a tensor it needs is missing
+    taken = plugins.load_extra_state_dict(peft_model, config, adapter_name, rest)
     taken |= _load_base_weights(peft_model, spec.key_root, {k: v for k, v in rest.items() if k not in taken})
     unknown = sorted(set(rest) - taken)
     if unknown:
@@ -107,7 +108,9 @@ def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AdapterLoadError(f"{str(legacy)!r} could not be read as a weights-only torch file: {exc}") from exc
+            raise AdapterLoadError(
+                f"{str(legacy)!r} could not be read as a weights-only torch file: {exc}"
+            ) from exc
     raise AdapterLoadError(f"{str(directory)!r} has no {WEIGHTS_NAME} (nor a legacy {LEGACY_WEIGHTS_NAME})")
 
 
