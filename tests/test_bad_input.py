@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
+import peftkit
 import pytest
 import torch
-
-import peftkit
 from peftkit import (
     AdapterLoadError,
     AdapterNameError,
@@ -22,7 +21,8 @@ from peftkit_lora import LoraConfig
 
 def saved_adapter(folder, hidden_size=32):
     model = peftkit.get_peft_model(
-        tiny_llama(hidden_size=hidden_size), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+        tiny_llama(hidden_size=hidden_size),
+        LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
     )
     model.save_pretrained(folder)
     return model
@@ -64,7 +64,9 @@ def test_truncated_safetensors_file_is_reported_as_corrupt(tmp_path):
     saved_adapter(tmp_path)
     weights = tmp_path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-40])
-    with pytest.raises(AdapterLoadError, match=r"is not a readable safetensors file .*it may be truncated or corrupt"):
+    with pytest.raises(
+        AdapterLoadError, match=r"is not a readable safetensors file .*it may be truncated or corrupt"
+    ):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
@@ -82,7 +84,9 @@ def test_missing_folder_config_and_weights_each_say_what_is_missing(tmp_path):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     saved_adapter(tmp_path)
     (tmp_path / "adapter_model.safetensors").unlink()
-    with pytest.raises(AdapterLoadError, match=r"has no adapter_model.safetensors \(nor a legacy adapter_model.bin\)"):
+    with pytest.raises(
+        AdapterLoadError, match=r"has no adapter_model.safetensors \(nor a legacy adapter_model.bin\)"
+    ):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
@@ -111,7 +115,9 @@ def test_a_tensor_the_adapter_does_not_own_is_rejected(tmp_path):
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     tensors["base_model.model.model.layers.0.mlp.mystery.lora_A.weight"] = torch.zeros(2, 2)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(AdapterLoadError, match=r"holds tensor 'base_model.model.model.layers.0.mlp.mystery.lora_A.weight'"):
+    with pytest.raises(
+        AdapterLoadError, match=r"holds tensor 'base_model.model.model.layers.0.mlp.mystery.lora_A.weight'"
+    ):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
@@ -122,7 +128,10 @@ def test_a_tensor_missing_from_the_file_is_named(tmp_path):
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     del tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(AdapterLoadError, match=r"has no tensor 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight'"):
+    with pytest.raises(
+        AdapterLoadError,
+        match=r"has no tensor 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight'",
+    ):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
@@ -194,5 +203,8 @@ def test_a_method_that_cannot_merge_says_so():
 
     with plugins.registered(NoMergePlugin()):
         model = peftkit.get_peft_model(tiny_llama(), NoMergeConfig())
-        with pytest.raises(MergeNotSupportedError, match=r"adapter 'default' is a nomerge adapter, and nomerge cannot be merged"):
+        with pytest.raises(
+            MergeNotSupportedError,
+            match=r"adapter 'default' is a nomerge adapter, and nomerge cannot be merged",
+        ):
             model.merge_and_unload()

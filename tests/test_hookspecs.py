@@ -6,7 +6,6 @@ import inspect
 from pathlib import Path
 
 import pytest
-
 from peftkit import hookspecs
 
 SPECS = [
@@ -42,7 +41,9 @@ def test_spec_is_typed_and_documented_in_the_template(name, func):
     assert all(p.annotation is not inspect.Parameter.empty for p in signature.parameters.values())
     doc = inspect.getdoc(func) or ""
     firstresult = func.peftkit_spec["firstresult"]
-    assert ("firstresult" in doc) == firstresult, f"{name}: the docstring must say whether the first answer wins"
+    assert ("firstresult" in doc) == firstresult, (
+        f"{name}: the docstring must say whether the first answer wins"
+    )
     if not firstresult:
         assert "All answers are gathered" in doc or "All implementations run" in doc
     assert ":return:" in doc, f"{name}: the docstring must say what returning None means"

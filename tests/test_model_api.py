@@ -5,10 +5,9 @@ from __future__ import annotations
 import copy
 
 import peft
+import peftkit
 import pytest
 import torch
-
-import peftkit
 from peftkit.adapter_layer import AdapterLayer
 from peftkit.testing.models import tiny_bert, tiny_llama
 from peftkit_lora import LoraConfig

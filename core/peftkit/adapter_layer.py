@@ -64,9 +64,11 @@ class AdapterLayer(nn.Module):
 
     @property
     def adapter_names(self) -> list[str]:
-        if not self.adapter_tensor_names:
-            return []
-        return list(getattr(self, self.adapter_tensor_names[0]).keys())
+        # every container: an adapter may hold tensors in some only (LoRA on an embedding: lora_embedding_*)
+        names: list[str] = []
+        for container_name in self.adapter_tensor_names:
+            names += [name for name in getattr(self, container_name).keys() if name not in names]
+        return names
 
     def holds(self, adapter_name: str) -> bool:
         return any(adapter_name in getattr(self, name) for name in self.adapter_tensor_names)
@@ -117,7 +119,9 @@ class AdapterLayer(nn.Module):
             weight = plugins.read_weight(base)
             merged = self.merged_weight(name, weight)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} into {type(base).__name__} gives NaN or inf weights")
+                raise ValueError(
+                    f"merging adapter {name!r} into {type(base).__name__} gives NaN or inf weights"
+                )
             plugins.write_weight(base, merged)
             self.merged_adapters.append(name)
 

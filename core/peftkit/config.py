@@ -73,7 +73,11 @@ def check_str_list(config: Any, field_name: str, allow_str: bool = False, allow_
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         setattr(config, field_name, sorted(value) if isinstance(value, (set, frozenset)) else list(value))
         return
-    allowed = "a list of module names" + (", a regex string" if allow_str else "") + (" or None" if allow_none else "")
+    allowed = (
+        "a list of module names"
+        + (", a regex string" if allow_str else "")
+        + (" or None" if allow_none else "")
+    )
     raise fail(config, field_name, value, allowed)
 
 
@@ -103,7 +107,9 @@ class PeftConfig:
             try:
                 self.task_type = TaskType(self.task_type)
             except ValueError:
-                raise fail(self, "task_type", self.task_type, f"None or one of {[t.value for t in TaskType]}") from None
+                raise fail(
+                    self, "task_type", self.task_type, f"None or one of {[t.value for t in TaskType]}"
+                ) from None
         check_str_list(self, "modules_to_save")
         if not isinstance(self.inference_mode, bool):
             raise fail(self, "inference_mode", self.inference_mode, "True or False")

@@ -141,10 +141,15 @@ def inject_into_targets(
     paths = find_targets(model, config)
     for path in paths:
         module = model.get_submodule(path)
+        training = module.training
         if not isinstance(module, layer_class):
             features = plugins.layer_features(_innermost(module))
             if features is None or features.kind not in layer_class.supported_kinds:
-                kind = features.kind if features else f"{type(_innermost(module)).__name__} (unknown to the layer hooks)"
+                kind = (
+                    features.kind
+                    if features
+                    else f"{type(_innermost(module)).__name__} (unknown to the layer hooks)"
+                )
                 raise TargetModulesError(
                     f"module {path!r} matched target_modules, but {config.method} cannot adapt a {kind} layer; "
                     f"it adapts: {', '.join(layer_class.supported_kinds)}"
@@ -152,4 +157,6 @@ def inject_into_targets(
             module = layer_class(module, features)
             model.set_submodule(path, module)
         module.update_layer(adapter_name, config, path)
+        # new submodules (dropout) start in training mode: give them the mode of the layer they adapt
+        module.train(training)
     return paths

@@ -51,7 +51,11 @@ def _is_transposed(layer: nn.Module) -> bool:
 
 
 def _knows(layer: nn.Module) -> bool:
-    return not _foreign(layer) and isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)) or _is_transposed(layer)
+    return (
+        not _foreign(layer)
+        and isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
+        or _is_transposed(layer)
+    )
 
 
 @hookimpl(trylast=True)

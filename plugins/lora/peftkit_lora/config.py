@@ -71,12 +71,18 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int(self, "r")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or self.lora_alpha <= 0
+        ):
             raise fail(self, "lora_alpha", self.lora_alpha, "a positive number")
         check_probability(self, "lora_dropout")
         check_choice(self, "bias", BIAS_CHOICES)
-        if self.init_lora_weights not in INIT_CHOICES or isinstance(self.init_lora_weights, int) and not isinstance(
-            self.init_lora_weights, bool
+        if (
+            self.init_lora_weights not in INIT_CHOICES
+            or isinstance(self.init_lora_weights, int)
+            and not isinstance(self.init_lora_weights, bool)
         ):
             raise fail(self, "init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
         for name in ("use_rslora", "fan_in_fan_out"):
@@ -91,19 +97,27 @@ class LoraConfig(PeftConfig):
         layers = self.layers_to_transform
         if layers is not None:
             values = [layers] if isinstance(layers, int) else layers
-            if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-                raise fail(self, "layers_to_transform", layers, "None, a layer index or a list of layer indices")
+            if not isinstance(values, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+            ):
+                raise fail(
+                    self, "layers_to_transform", layers, "None, a layer index or a list of layer indices"
+                )
             if isinstance(self.target_modules, str):
                 raise fail(self, "layers_to_transform", layers, "None when target_modules is a regex string")
         if self.layers_pattern is not None:
             check_str_list(self, "layers_pattern", allow_str=True)
             if layers is None:
-                raise fail(self, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set")
+                raise fail(
+                    self, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set"
+                )
 
     def _check_patterns(self) -> None:
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise fail(self, "rank_pattern", {key: value}, "a dict of module regex to positive integer rank")
+                raise fail(
+                    self, "rank_pattern", {key: value}, "a dict of module regex to positive integer rank"
+                )
         for key, value in self.alpha_pattern.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise fail(self, "alpha_pattern", {key: value}, "a dict of module regex to positive alpha")

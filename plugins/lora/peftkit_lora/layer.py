@@ -8,10 +8,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from peftkit import AdapterLayer
 from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR
+from torch import nn
 
 from peftkit_lora.config import LoraConfig
 
@@ -27,7 +26,12 @@ def pattern_value(patterns: dict, module_path: str, default: float) -> float:
 
 
 class LoraLayer(AdapterLayer):
-    adapter_tensor_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    adapter_tensor_names: ClassVar[tuple[str, ...]] = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+    )
     adapter_state_names: ClassVar[tuple[str, ...]] = ("lora_dropout", "r", "lora_alpha", "scaling")
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D, CONV3D, EMBEDDING)
 
@@ -61,7 +65,9 @@ class LoraLayer(AdapterLayer):
             ones = (1,) * len(f.kernel_size)
             self.lora_A[adapter_name] = conv(f.in_features, r, f.kernel_size, f.stride, f.padding, bias=False)
             self.lora_B[adapter_name] = conv(r, f.out_features, ones, ones, bias=False)
-        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
         self._init(adapter_name, config.init_lora_weights)
         self._move_to_base(*(p for _, p in self.adapter_parameters(adapter_name)), float_dtype=torch.float32)
 
@@ -87,7 +93,15 @@ class LoraLayer(AdapterLayer):
             if self.features.kind == EMBEDDING:
                 base = self.get_base_layer()
                 a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-                after_a = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+                after_a = F.embedding(
+                    x,
+                    a.T,
+                    base.padding_idx,
+                    base.max_norm,
+                    base.norm_type,
+                    base.scale_grad_by_freq,
+                    base.sparse,
+                )
                 result = result + (after_a @ b.T).to(out_dtype) * self.scaling[name]
             else:
                 a, b = self.lora_A[name], self.lora_B[name]

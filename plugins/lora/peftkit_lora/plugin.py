@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
-
 from peftkit import MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
-
 from peftkit.serialization import check_shape
 
 from peftkit_lora.config import LoraConfig
@@ -55,9 +55,22 @@ def _trained_biases(peft_model, config: LoraConfig) -> dict[str, torch.nn.Parame
     if config.bias == "none":
         return {}
     model = peft_model.base_model.model
-    biases = {name: p for name, p in model.named_parameters() if name.endswith("bias") and ".lora_" not in name}
+    # adapter tensors (another adapter's trained copy of a modules_to_save head) belong to their adapter
+    owned = {
+        id(p)
+        for _, layer in peft_model.adapter_layers()
+        for name in peft_model.peft_config
+        for _, p in layer.adapter_parameters(name)
+    }
+    biases = {
+        name: p
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and ".lora_" not in name and id(p) not in owned
+    }
     if config.bias == "lora_only":
-        wrapped = [path + ".base_layer." for path, module in model.named_modules() if isinstance(module, LoraLayer)]
+        wrapped = [
+            path + ".base_layer." for path, module in model.named_modules() if isinstance(module, LoraLayer)
+        ]
         biases = {name: p for name, p in biases.items() if any(name.startswith(prefix) for prefix in wrapped)}
     return biases
 
@@ -72,12 +85,18 @@ def peftkit_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str
     return {f"base_model.model.{name}": p for name, p in _trained_biases(peft_model, config).items()}
 
 
+def _unwrapped(name: str) -> str:
+    """A parameter name without adapter layers' ``.base_layer``: the same whichever adapters wrap the layer."""
+    return re.sub(r"\.base_layer(?=\.)", "", name)
+
+
 @method_impl("lora")
 def peftkit_load_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str, state_dict):
-    biases = _trained_biases(peft_model, config)
+    # a bias is saved under its name at save time, which has ".base_layer" when any adapter wrapped its layer
+    biases = {_unwrapped(name): param for name, param in _trained_biases(peft_model, config).items()}
     taken = []
     for key, value in state_dict.items():
-        name = key.removeprefix("base_model.model.")
+        name = _unwrapped(key.removeprefix("base_model.model."))
         if name not in biases:
             continue
         check_shape(key, value, biases[name])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from peftkit import ConfigError
 from peftkit_lora import LoraConfig
 
@@ -16,17 +15,35 @@ from peftkit_lora import LoraConfig
         (dict(lora_alpha=0), "LoraConfig.lora_alpha must be a positive number, got 0"),
         (dict(lora_dropout=1.0), "LoraConfig.lora_dropout must be a number in [0, 1), got 1.0"),
         (dict(bias="some"), "LoraConfig.bias must be one of 'none', 'all', 'lora_only', got 'some'"),
-        (dict(init_lora_weights="pissa"), "LoraConfig.init_lora_weights must be True, False or 'gaussian', got 'pissa'"),
-        (dict(target_modules=3), "LoraConfig.target_modules must be a list of module names, a regex string or None"),
+        (
+            dict(init_lora_weights="pissa"),
+            "LoraConfig.init_lora_weights must be True, False or 'gaussian', got 'pissa'",
+        ),
+        (
+            dict(target_modules=3),
+            "LoraConfig.target_modules must be a list of module names, a regex string or None",
+        ),
         (dict(task_type="CLASSIFY"), "LoraConfig.task_type must be None or one of"),
-        (dict(rank_pattern={"q": 0}), "LoraConfig.rank_pattern must be a dict of module regex to positive integer rank"),
-        (dict(alpha_pattern={"q": -1}), "LoraConfig.alpha_pattern must be a dict of module regex to positive alpha"),
+        (
+            dict(rank_pattern={"q": 0}),
+            "LoraConfig.rank_pattern must be a dict of module regex to positive integer rank",
+        ),
+        (
+            dict(alpha_pattern={"q": -1}),
+            "LoraConfig.alpha_pattern must be a dict of module regex to positive alpha",
+        ),
         (
             dict(target_modules=".*q", layers_to_transform=[0]),
             "LoraConfig.layers_to_transform must be None when target_modules is a regex string",
         ),
-        (dict(layers_pattern="layers"), "LoraConfig.layers_pattern must be None unless layers_to_transform is set"),
-        (dict(layers_to_transform=[-1]), "LoraConfig.layers_to_transform must be None, a layer index or a list"),
+        (
+            dict(layers_pattern="layers"),
+            "LoraConfig.layers_pattern must be None unless layers_to_transform is set",
+        ),
+        (
+            dict(layers_to_transform=[-1]),
+            "LoraConfig.layers_to_transform must be None, a layer index or a list",
+        ),
         (dict(use_rslora="yes"), "LoraConfig.use_rslora must be True or False, got 'yes'"),
     ],
 )
@@ -44,12 +61,18 @@ def test_sets_of_names_are_kept_as_sorted_lists_and_task_types_as_enums():
 
 def test_peft_features_not_implemented_here_fail_clearly_when_used():
     data = LoraConfig(r=4).to_dict() | {"use_dora": True, "peft_version": "0.21.2"}
-    with pytest.raises(ConfigError, match=r"the adapter sets use_dora=True, a PEFT feature that peftkit's 'lora'"):
+    with pytest.raises(
+        ConfigError, match=r"the adapter sets use_dora=True, a PEFT feature that peftkit's 'lora'"
+    ):
         LoraConfig.from_dict(data)
 
 
 def test_peft_only_fields_at_their_defaults_load_silently(recwarn):
-    data = LoraConfig(r=4).to_dict() | {"use_dora": False, "loftq_config": {}, "megatron_core": "megatron.core"}
+    data = LoraConfig(r=4).to_dict() | {
+        "use_dora": False,
+        "loftq_config": {},
+        "megatron_core": "megatron.core",
+    }
     assert LoraConfig.from_dict(data).r == 4
     assert not [w for w in recwarn if "ignores" in str(w.message)]
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 
+import peftkit
 import pytest
 import torch
-from torch import nn
-
-import peftkit
 from peftkit import TargetModulesError
 from peftkit.adapter_layer import adapter_layers
 from peftkit.testing.models import tiny_gpt2, tiny_llama
 from peftkit_lora import LoraConfig, LoraLayer
+from torch import nn
 
 
 class ConvNet(nn.Module):
@@ -38,7 +37,9 @@ def conv_inputs():
 
 @pytest.mark.parametrize("target", ["conv1d", "conv2d", "pointwise", "embed"])
 def test_each_layer_kind_merges_to_the_same_outputs(target):
-    model = peftkit.get_peft_model(ConvNet(), LoraConfig(r=2, target_modules=[target], init_lora_weights=False))
+    model = peftkit.get_peft_model(
+        ConvNet(), LoraConfig(r=2, target_modules=[target], init_lora_weights=False)
+    )
     base = ConvNet()
     with torch.no_grad():
         adapted = model(*conv_inputs())
@@ -69,14 +70,18 @@ def test_rslora_scales_by_alpha_over_sqrt_r_and_patterns_override_per_module():
     )
     model = peftkit.get_peft_model(tiny_llama(), config)
     attn0, attn1 = (layer.self_attn for layer in model.base_model.model.model.layers)
-    assert attn0.q_proj.r["default"] == 4 and attn0.q_proj.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+    assert attn0.q_proj.r["default"] == 4 and attn0.q_proj.scaling["default"] == pytest.approx(
+        8 / math.sqrt(4)
+    )
     assert attn0.v_proj.r["default"] == 2 and attn0.v_proj.lora_A["default"].weight.shape[0] == 2
     assert attn1.q_proj.scaling["default"] == pytest.approx(3 / math.sqrt(4))
 
 
 def test_two_active_adapters_add_their_effects():
     ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(0))
-    model = peftkit.get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model = peftkit.get_peft_model(
+        tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
     model.add_adapter("b", LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(1, 6, 32)
@@ -132,12 +137,17 @@ def test_default_targets_follow_the_model_type_when_none_are_given():
 
 
 def test_a_matched_module_lora_cannot_adapt_is_a_clear_error():
-    with pytest.raises(TargetModulesError, match=r"module 'model.layers.0.self_attn' matched target_modules, but lora cannot adapt"):
+    with pytest.raises(
+        TargetModulesError,
+        match=r"module 'model.layers.0.self_attn' matched target_modules, but lora cannot adapt",
+    ):
         peftkit.get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["self_attn"]))
 
 
 def test_adapter_weights_are_float32_on_a_bfloat16_base_and_outputs_keep_the_base_dtype():
-    model = peftkit.get_peft_model(tiny_llama().to(torch.bfloat16), LoraConfig(r=2, target_modules=["q_proj"]))
+    model = peftkit.get_peft_model(
+        tiny_llama().to(torch.bfloat16), LoraConfig(r=2, target_modules=["q_proj"])
+    )
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == torch.float32
     out = model(input_ids=torch.tensor([[1, 2, 3]])).logits

@@ -6,10 +6,9 @@ import copy
 import json
 
 import peft
+import peftkit
 import pytest
 import torch
-
-import peftkit
 from peftkit.testing.models import tiny_bert, tiny_gpt2, tiny_llama
 from peftkit_lora import LoraConfig
 
@@ -28,7 +27,10 @@ CASES = {
         ),
     ),
     "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM")),
-    "bert-seq-cls": (tiny_bert, dict(target_modules=["query", "value"], task_type="SEQ_CLS", bias="lora_only")),
+    "bert-seq-cls": (
+        tiny_bert,
+        dict(target_modules=["query", "value"], task_type="SEQ_CLS", bias="lora_only"),
+    ),
     "llama-embedding": (tiny_llama, dict(target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM")),
 }
 
@@ -85,7 +87,9 @@ def test_peft_adapter_loads_here_with_same_outputs(case, tmp_path):
 def test_saved_files_use_peft_key_names_and_config_fields(tmp_path):
     from safetensors import safe_open
 
-    model = peftkit.get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    model = peftkit.get_peft_model(
+        tiny_bert(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS")
+    )
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
