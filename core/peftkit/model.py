@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit import plugins, serialization
@@ -108,7 +109,25 @@ class PeftModel(nn.Module):
         except BaseException:
             self._remove(adapter_name)
             raise
+        self._cast_adapter(adapter_name)
         self._update_trainable()
+
+    def _cast_adapter(self, adapter_name: str) -> None:
+        """PEFT's ``autocast_adapter_dtype``: on, half-precision adapter tensors train in float32; off,
+        adapter tensors take their base layer's floating dtype."""
+        for _, layer in self.adapter_layers():
+            if isinstance(layer, ModulesToSaveWrapper):
+                continue  # a head's trainable copy keeps the head's dtype
+            reference = next(layer.get_base_layer().parameters(), None)
+            base_dtype = reference.dtype if reference is not None else None
+            for _, param in layer.adapter_parameters(adapter_name):
+                if not param.is_floating_point():
+                    continue
+                if self.autocast_adapter_dtype:
+                    if param.dtype in (torch.float16, torch.bfloat16):
+                        param.data = param.data.float()
+                elif base_dtype is not None and base_dtype.is_floating_point:
+                    param.data = param.data.to(base_dtype)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate one adapter, or several at once (their effects add up)."""

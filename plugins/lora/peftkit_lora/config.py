@@ -29,8 +29,6 @@ class LoraConfig(PeftConfig):
 
     method: ClassVar[str] = "lora"
     peft_only_fields: ClassVar[dict[str, Any]] = {
-        "use_dora": False,
-        "lora_bias": False,
         "use_qalora": False,
         "trainable_token_indices": None,
         "loftq_config": {},
@@ -67,6 +65,8 @@ class LoraConfig(PeftConfig):
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +85,11 @@ class LoraConfig(PeftConfig):
             and not isinstance(self.init_lora_weights, bool)
         ):
             raise fail(self, "init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
+        for name in ("use_dora", "lora_bias"):
+            if getattr(self, name) is not False:
+                raise fail(
+                    self, name, getattr(self, name), f"False: peftkit-lora 0.1.0 does not implement {name}"
+                )
         for name in ("use_rslora", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise fail(self, name, getattr(self, name), "True or False")

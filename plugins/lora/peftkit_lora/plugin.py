@@ -50,8 +50,8 @@ def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) ->
     return True
 
 
-def _trained_biases(peft_model, config: LoraConfig) -> dict[str, torch.nn.Parameter]:
-    """The biases LoRA trains: none, all of the model's, or those of LoRA-adapted layers only."""
+def _trained_biases(peft_model, config: LoraConfig, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The biases LoRA trains: none, all of the model's, or those of the layers this adapter adapts."""
     if config.bias == "none":
         return {}
     model = peft_model.base_model.model
@@ -69,7 +69,9 @@ def _trained_biases(peft_model, config: LoraConfig) -> dict[str, torch.nn.Parame
     }
     if config.bias == "lora_only":
         wrapped = [
-            path + ".base_layer." for path, module in model.named_modules() if isinstance(module, LoraLayer)
+            path + ".base_layer."
+            for path, module in model.named_modules()
+            if isinstance(module, LoraLayer) and module.holds(adapter_name)
         ]
         biases = {name: p for name, p in biases.items() if any(name.startswith(prefix) for prefix in wrapped)}
     return biases
@@ -77,12 +79,14 @@ def _trained_biases(peft_model, config: LoraConfig) -> dict[str, torch.nn.Parame
 
 @method_impl("lora")
 def peftkit_trainable_parameters(peft_model, config: LoraConfig, adapter_name: str):
-    return list(_trained_biases(peft_model, config).items())
+    return list(_trained_biases(peft_model, config, adapter_name).items())
 
 
 @method_impl("lora")
 def peftkit_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str):
-    return {f"base_model.model.{name}": p for name, p in _trained_biases(peft_model, config).items()}
+    return {
+        f"base_model.model.{name}": p for name, p in _trained_biases(peft_model, config, adapter_name).items()
+    }
 
 
 def _unwrapped(name: str) -> str:
@@ -93,7 +97,9 @@ def _unwrapped(name: str) -> str:
 @method_impl("lora")
 def peftkit_load_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str, state_dict):
     # a bias is saved under its name at save time, which has ".base_layer" when any adapter wrapped its layer
-    biases = {_unwrapped(name): param for name, param in _trained_biases(peft_model, config).items()}
+    biases = {
+        _unwrapped(name): param for name, param in _trained_biases(peft_model, config, adapter_name).items()
+    }
     taken = []
     for key, value in state_dict.items():
         name = _unwrapped(key.removeprefix("base_model.model."))

@@ -59,10 +59,19 @@ def test_sets_of_names_are_kept_as_sorted_lists_and_task_types_as_enums():
     assert config.to_dict()["task_type"] == "CAUSAL_LM"
 
 
-def test_peft_features_not_implemented_here_fail_clearly_when_used():
-    data = LoraConfig(r=4).to_dict() | {"use_dora": True, "peft_version": "0.21.2"}
+@pytest.mark.parametrize("field", ["use_dora", "lora_bias"])
+def test_peft_lora_features_not_implemented_here_fail_clearly(field):
+    message = f"LoraConfig.{field} must be False: peftkit-lora 0.1.0 does not implement {field}, got True"
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(**{field: True})
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig.from_dict(LoraConfig(r=4).to_dict() | {field: True})
+
+
+def test_other_peft_features_fail_clearly_when_a_saved_config_uses_them():
+    data = LoraConfig(r=4).to_dict() | {"use_qalora": True, "peft_version": "0.21.2"}
     with pytest.raises(
-        ConfigError, match=r"the adapter sets use_dora=True, a PEFT feature that peftkit's 'lora'"
+        ConfigError, match=r"the adapter sets use_qalora=True, a PEFT feature that peftkit's 'lora'"
     ):
         LoraConfig.from_dict(data)
 

@@ -165,3 +165,15 @@ def test_bias_all_trains_and_saves_every_bias(tmp_path):
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in keys
     assert "base_model.model.transformer.h.0.mlp.c_fc.bias" in keys
+
+
+@pytest.mark.parametrize(("autocast", "expected"), [(True, torch.float32), (False, torch.bfloat16)])
+def test_autocast_adapter_dtype_chooses_float32_or_the_base_dtype(autocast, expected):
+    model = peftkit.get_peft_model(
+        tiny_llama().to(torch.bfloat16),
+        LoraConfig(r=2, target_modules=["q_proj"]),
+        autocast_adapter_dtype=autocast,
+    )
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A["default"].weight.dtype == expected
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
