@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, num_labels: int | None = None, **overrides):
+def tiny_llama(
+    seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, num_labels: int | None = None, **overrides
+):
     """A Llama-shaped causal LM (grouped-query attention: 4 heads, 2 key/value heads), or a classifier with num_labels."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -32,14 +34,26 @@ def tiny_gpt2(seed: int = 0, vocab_size: int = 128, n_embd: int = 32, **override
 
     torch.manual_seed(seed)
     settings = dict(
-        vocab_size=vocab_size, n_embd=n_embd, n_layer=2, n_head=4, n_positions=128,
-        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+        vocab_size=vocab_size,
+        n_embd=n_embd,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
     )
     settings.update(overrides)
     return GPT2LMHeadModel(GPT2Config(**settings)).eval()
 
 
-def tiny_bert(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, num_labels: int = 2, task: str = "seq_cls", **overrides):
+def tiny_bert(
+    seed: int = 0,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    num_labels: int = 2,
+    task: str = "seq_cls",
+    **overrides,
+):
     """A BERT-shaped encoder with a sequence ("seq_cls") or token ("token_cls") classification head."""
     from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
 
@@ -84,3 +98,33 @@ def same_weights_copy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+class TinyPlainModel(torch.nn.Module):
+    """A plain ``nn.Module`` (no transformers): embedding, a 1-d convolution, an MLP and an output head.
+
+    ``forward(input_ids)`` gives logits of shape ``(batch, seq, vocab_size)``. Its layers are named
+    ``embed``, ``conv``, ``fc1``, ``fc2`` and ``head``.
+    """
+
+    def __init__(self, vocab_size: int = 128, hidden_size: int = 32) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, hidden_size)
+        self.conv = torch.nn.Conv1d(hidden_size, hidden_size, kernel_size=3, padding=1)
+        self.fc1 = torch.nn.Linear(hidden_size, 2 * hidden_size)
+        self.act = torch.nn.GELU()
+        self.fc2 = torch.nn.Linear(2 * hidden_size, hidden_size)
+        self.norm = torch.nn.LayerNorm(hidden_size)
+        self.head = torch.nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = h + self.fc2(self.act(self.fc1(h)))
+        return self.head(self.norm(h))
+
+
+def tiny_plain(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32):
+    """A :class:`TinyPlainModel` with random weights, in eval mode."""
+    torch.manual_seed(seed)
+    return TinyPlainModel(vocab_size, hidden_size).eval()
