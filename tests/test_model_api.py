@@ -9,7 +9,7 @@ import peftkit
 import pytest
 import torch
 from peftkit.adapter_layer import AdapterLayer
-from peftkit.testing.models import tiny_bert, tiny_llama
+from peftkit.testing.models import randomize_trainable, tiny_bert, tiny_llama
 from peftkit_lora import LoraConfig
 
 IDS = torch.randint(2, 128, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -17,15 +17,6 @@ IDS = torch.randint(2, 128, (2, 6), generator=torch.Generator().manual_seed(0))
 
 def lora(**kwargs):
     return LoraConfig(**({"r": 2, "target_modules": ["q_proj", "v_proj"]} | kwargs))
-
-
-def randomize(model):
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model
 
 
 @pytest.mark.parametrize(
@@ -53,7 +44,7 @@ def test_classification_head_trains_and_is_saved_with_the_adapter(tmp_path):
     pristine = copy.deepcopy(base)
     model = peftkit.get_peft_model(base, LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
     assert model.base_model.model.classifier.modules_to_save["default"].weight.requires_grad
-    randomize(model)
+    randomize_trainable(model, seed=7)
     expected = model(input_ids=IDS).logits
     model.save_pretrained(tmp_path)
     loaded = peftkit.PeftModel.from_pretrained(pristine, tmp_path)
@@ -63,7 +54,7 @@ def test_classification_head_trains_and_is_saved_with_the_adapter(tmp_path):
 def test_disable_adapter_gives_the_base_model_exactly():
     base = tiny_llama()
     expected = base(input_ids=IDS).logits
-    model = randomize(peftkit.get_peft_model(base, lora()))
+    model = randomize_trainable(peftkit.get_peft_model(base, lora()), seed=7)
     assert not torch.equal(model(input_ids=IDS).logits, expected)
     with model.disable_adapter():
         assert torch.equal(model(input_ids=IDS).logits, expected)
@@ -71,7 +62,7 @@ def test_disable_adapter_gives_the_base_model_exactly():
 
 
 def test_added_adapters_are_inactive_until_set_and_deleting_the_active_one_falls_back():
-    model = randomize(peftkit.get_peft_model(tiny_llama(), lora()))
+    model = randomize_trainable(peftkit.get_peft_model(tiny_llama(), lora()), seed=7)
     first = model(input_ids=IDS).logits
     model.add_adapter("b", lora(r=3, init_lora_weights=False))
     assert model.active_adapters == ["default"]
@@ -86,7 +77,7 @@ def test_added_adapters_are_inactive_until_set_and_deleting_the_active_one_falls
 
 
 def test_merge_and_unload_leaves_a_plain_model_with_the_same_outputs():
-    model = randomize(peftkit.get_peft_model(tiny_llama(), lora(task_type="CAUSAL_LM")))
+    model = randomize_trainable(peftkit.get_peft_model(tiny_llama(), lora(task_type="CAUSAL_LM")), seed=7)
     expected = model(input_ids=IDS).logits
     merged = model.merge_and_unload()
     assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
@@ -97,7 +88,7 @@ def test_merge_and_unload_leaves_a_plain_model_with_the_same_outputs():
 def test_unload_drops_the_adapter_and_restores_base_outputs():
     base = tiny_llama()
     expected = base(input_ids=IDS).logits
-    model = randomize(peftkit.get_peft_model(base, lora()))
+    model = randomize_trainable(peftkit.get_peft_model(base, lora()), seed=7)
     model.merge_adapter()
     plain = model.unload()
     torch.testing.assert_close(plain(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
@@ -106,7 +97,7 @@ def test_unload_drops_the_adapter_and_restores_base_outputs():
 def test_greedy_generation_equals_peft_for_the_same_adapter(tmp_path):
     base = tiny_llama()
     pristine = copy.deepcopy(base)
-    model = randomize(peftkit.get_peft_model(base, lora(task_type="CAUSAL_LM")))
+    model = randomize_trainable(peftkit.get_peft_model(base, lora(task_type="CAUSAL_LM")), seed=7)
     model.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(pristine, tmp_path)
     mask = torch.ones_like(IDS)
@@ -115,7 +106,7 @@ def test_greedy_generation_equals_peft_for_the_same_adapter(tmp_path):
 
 
 def test_from_pretrained_is_frozen_unless_trainable_and_load_adapter_does_not_activate(tmp_path):
-    randomize(peftkit.get_peft_model(tiny_llama(), lora())).save_pretrained(tmp_path)
+    randomize_trainable(peftkit.get_peft_model(tiny_llama(), lora()), seed=7).save_pretrained(tmp_path)
     frozen = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert frozen.get_nb_trainable_parameters()[0] == 0
     trainable = peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
@@ -132,7 +123,7 @@ def test_positional_inputs_and_base_attributes_pass_through():
 
 
 def test_legacy_bin_adapters_are_read_with_weights_only(tmp_path):
-    model = randomize(peftkit.get_peft_model(tiny_llama(), lora()))
+    model = randomize_trainable(peftkit.get_peft_model(tiny_llama(), lora()), seed=7)
     expected = model(input_ids=IDS).logits
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file

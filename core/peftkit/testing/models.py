@@ -128,3 +128,13 @@ def tiny_plain(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32):
     """A :class:`TinyPlainModel` with random weights, in eval mode."""
     torch.manual_seed(seed)
     return TinyPlainModel(vocab_size, hidden_size).eval()
+
+
+def randomize_trainable(model, seed: int = 2, scale: float = 0.1):
+    """Give every trainable tensor random values (normal, std ``scale``), as training would; returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model

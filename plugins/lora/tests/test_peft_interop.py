@@ -9,7 +9,7 @@ import peft
 import peftkit
 import pytest
 import torch
-from peftkit.testing.models import tiny_bert, tiny_gpt2, tiny_llama
+from peftkit.testing.models import randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama
 from peftkit_lora import LoraConfig
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -43,16 +43,6 @@ def inputs():
     return dict(input_ids=ids, attention_mask=mask)
 
 
-def trained(model):
-    """Give every trainable tensor non-trivial values, as training would."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    return model
-
-
 def logits(model):
     with torch.no_grad():
         return model(**inputs()).logits
@@ -63,7 +53,7 @@ def test_peftkit_adapter_loads_in_peft_with_same_outputs(case, tmp_path):
     build, kwargs = CASES[case]
     base = build()
     pristine = copy.deepcopy(base)
-    ours = trained(peftkit.get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **kwargs)))
+    ours = randomize_trainable(peftkit.get_peft_model(base, LoraConfig(r=4, lora_alpha=8, **kwargs)))
     expected = logits(ours)
     ours.save_pretrained(tmp_path)
 
@@ -76,7 +66,7 @@ def test_peft_adapter_loads_here_with_same_outputs(case, tmp_path):
     build, kwargs = CASES[case]
     base = build()
     pristine = copy.deepcopy(base)
-    theirs = trained(peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **kwargs)))
+    theirs = randomize_trainable(peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, **kwargs)))
     expected = logits(theirs)
     theirs.save_pretrained(tmp_path)
 

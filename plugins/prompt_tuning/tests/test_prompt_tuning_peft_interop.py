@@ -10,7 +10,7 @@ import peft
 import peftkit
 import pytest
 import torch
-from peftkit.testing.models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from peftkit.testing.models import randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from peftkit_prompt_tuning import PromptTuningConfig
 from safetensors.torch import load_file
 
@@ -57,16 +57,6 @@ def inputs(task, token_types=False):
     return out
 
 
-def trained(model):
-    """Give every trainable tensor (virtual tokens and task head) new values, as training would."""
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    return model
-
-
 def output(model, case):
     _, task, name, token_types = CASES[case]
     # PEFT's QA forward takes token_type_ids and passes them on to nothing; peftkit says so
@@ -87,7 +77,9 @@ def test_peftkit_adapter_loads_in_peft_with_same_outputs(case, tmp_path):
     build, task, _, _ = CASES[case]
     base = build()
     pristine = copy.deepcopy(base)
-    ours = trained(peftkit.get_peft_model(base, PromptTuningConfig(**config_kwargs(task))))
+    ours = randomize_trainable(
+        peftkit.get_peft_model(base, PromptTuningConfig(**config_kwargs(task))), scale=0.5
+    )
     expected = output(ours, case)
     ours.save_pretrained(tmp_path)
 
@@ -101,7 +93,9 @@ def test_peft_adapter_loads_here_with_same_outputs(case, tmp_path):
     base = build()
     pristine = copy.deepcopy(base)
     plain = output(pristine, case)
-    theirs = trained(peft.get_peft_model(base, peft.PromptTuningConfig(**config_kwargs(task))))
+    theirs = randomize_trainable(
+        peft.get_peft_model(base, peft.PromptTuningConfig(**config_kwargs(task))), scale=0.5
+    )
     expected = output(theirs, case)
     theirs.save_pretrained(tmp_path)
 
@@ -154,8 +148,9 @@ def test_files_hold_peft_s_keys_shapes_and_config(build, task, heads, tmp_path):
 def test_causal_lm_labels_get_minus_100_for_the_virtual_tokens_as_in_peft(tmp_path):
     base = tiny_llama()
     pristine = copy.deepcopy(base)
-    ours = trained(
-        peftkit.get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ours = randomize_trainable(
+        peftkit.get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+        scale=0.5,
     )
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(pristine, tmp_path)
@@ -170,8 +165,9 @@ def test_causal_lm_labels_get_minus_100_for_the_virtual_tokens_as_in_peft(tmp_pa
 def test_seq2seq_labels_and_decoder_are_left_as_peft_leaves_them(tmp_path):
     base = tiny_t5()
     pristine = copy.deepcopy(base)
-    ours = trained(
-        peftkit.get_peft_model(base, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    ours = randomize_trainable(
+        peftkit.get_peft_model(base, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)),
+        scale=0.5,
     )
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(pristine, tmp_path)
@@ -187,8 +183,9 @@ def test_seq2seq_labels_and_decoder_are_left_as_peft_leaves_them(tmp_path):
 def test_position_ids_are_ignored_with_a_warning_as_in_peft(tmp_path):
     base = tiny_llama()
     pristine = copy.deepcopy(base)
-    ours = trained(
-        peftkit.get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ours = randomize_trainable(
+        peftkit.get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+        scale=0.5,
     )
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(pristine, tmp_path)
