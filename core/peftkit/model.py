@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,7 @@ class PeftModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         self._check_known(names)
         self._check_mergeable(names)
+        self._warn_tied_weights(names)
         for name in names:
             config = self.peft_config[name]
             if plugins.merge_adapter(self, config, name):
@@ -280,6 +282,27 @@ class PeftModel(nn.Module):
             for _, layer in self.adapter_layers():
                 if layer.holds(name):
                     layer.merge([name], safe_merge=safe_merge)
+
+    def _warn_tied_weights(self, names: list[str]) -> None:
+        """Merging into a weight that other modules share (tied embeddings) changes them too: say so."""
+        owners: dict[int, list[str]] = {}
+        for path, module in self.base_model.model.named_modules(remove_duplicate=False):
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter):
+                owners.setdefault(id(weight), []).append(path)
+        for path, layer in self.adapter_layers():
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            if weight is None or not any(layer.holds(name) for name in names):
+                continue
+            others = [p for p in owners.get(id(weight), []) if p != path and not p.startswith(path + ".")]
+            if others:
+                warnings.warn(
+                    f"merging into {path!r} also changes {', '.join(repr(p) for p in others)}, whose weight is "
+                    "tied to it, so merged outputs will differ from unmerged ones; untie the weights first, "
+                    "or keep this adapter unmerged",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def unmerge_adapter(self) -> None:
         for name in reversed(list(self.peft_config)):

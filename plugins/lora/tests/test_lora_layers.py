@@ -177,3 +177,18 @@ def test_autocast_adapter_dtype_chooses_float32_or_the_base_dtype(autocast, expe
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_A["default"].weight.dtype == expected
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+
+
+def test_merging_into_a_tied_embedding_warns_that_the_head_changes_too():
+    model = peftkit.get_peft_model(
+        tiny_gpt2(), LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False)
+    )
+    message = r"merging into 'transformer.wte' also changes 'lm_head', whose weight is tied to it"
+    with pytest.warns(UserWarning, match=message):
+        model.merge_adapter()
+
+
+def test_merging_an_untied_layer_does_not_warn(recwarn):
+    model = peftkit.get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["wpe", "c_attn"]))
+    model.merge_adapter()
+    assert not [w for w in recwarn if "tied" in str(w.message)]
