@@ -22,7 +22,10 @@ class AdapterLayer(nn.Module):
     - ``adapter_state_names``: other per-adapter attributes (dicts, dropout modules), cleared on delete.
     - :meth:`update_layer` creates an adapter; :meth:`adapter_output` adds the active, unmerged
       adapters to the base output; :meth:`delta_weight` (additive methods) or :meth:`merged_weight`
-      and :meth:`unmerged_weight` (others) say how the adapter folds into the dense weight.
+      and :meth:`unmerged_weight` (others) say how the adapter folds into the dense weight;
+      :meth:`merged_bias` and :meth:`unmerged_bias` say how it changes the base layer's bias, if at all.
+    - :meth:`saved_tensors`: what the adapter's file holds for this layer, when not its tensors as
+      they are (AdaLoRA saves its factors cut to the ranks it kept).
     - ``supported_kinds``: the base layer kinds (see :mod:`peftkit.layer_access`) it can wrap.
     """
 
@@ -53,6 +56,18 @@ class AdapterLayer(nn.Module):
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.delta_weight(adapter_name).to(weight.dtype)
+
+    def merged_bias(self, adapter_name: str, bias: torch.Tensor) -> torch.Tensor | None:
+        """The base layer's bias once the adapter is merged; None (the default) leaves the bias alone."""
+        return None
+
+    def unmerged_bias(self, adapter_name: str, bias: torch.Tensor) -> torch.Tensor | None:
+        """The bias with the merged adapter taken out again; None (the default) leaves the bias alone."""
+        return None
+
+    def saved_tensors(self, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
+        """The tensors saved for this layer, named relative to it (default: :meth:`adapter_parameters`)."""
+        return self.adapter_parameters(adapter_name)
 
     # --- shared machinery -----------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:
@@ -122,7 +137,10 @@ class AdapterLayer(nn.Module):
                 raise ValueError(
                     f"merging adapter {name!r} into {type(base).__name__} gives NaN or inf weights"
                 )
+            new_bias = self._changed_bias(base, self.merged_bias, name)
             plugins.write_weight(base, merged)
+            if new_bias is not None:
+                self._write_bias(base, new_bias)
             self.merged_adapters.append(name)
 
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
@@ -131,8 +149,23 @@ class AdapterLayer(nn.Module):
         for name in reversed(list(self.merged_adapters)):
             if adapter_names is not None and name not in adapter_names:
                 continue
+            new_bias = self._changed_bias(base, self.unmerged_bias, name)
             plugins.write_weight(base, self.unmerged_weight(name, plugins.read_weight(base)))
+            if new_bias is not None:
+                self._write_bias(base, new_bias)
             self.merged_adapters.remove(name)
+
+    @staticmethod
+    def _changed_bias(base: nn.Module, rule: Any, adapter_name: str) -> torch.Tensor | None:
+        bias = getattr(base, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            return None
+        return rule(adapter_name, bias.detach())
+
+    @staticmethod
+    def _write_bias(base: nn.Module, bias: torch.Tensor) -> None:
+        with torch.no_grad():
+            base.bias.copy_(bias.to(base.bias.dtype))
 
     def unloaded(self) -> nn.Module:
         """The module that replaces this one when the model is unloaded."""

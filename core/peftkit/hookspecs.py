@@ -118,6 +118,22 @@ def peftkit_prepare_generation_step(
     """
 
 
+@hookspec(firstresult=True)
+def peftkit_transform_outputs(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict[str, Any], outputs: Any
+) -> Any | None:
+    """Rewrite what one forward call of the base model returned.
+
+    firstresult. Called for each active adapter, in activation order, after the base model ran.
+    AdaLoRA adds its orthogonality regulariser to ``outputs.loss`` here while training.
+
+    :param inputs: the keyword arguments the base model was called with (after
+        :func:`peftkit_transform_inputs`).
+    :param outputs: what the base model returned (or the previous adapter's rewrite of it).
+    :return: the new outputs; None to leave them as they are.
+    """
+
+
 # --- freezing --------------------------------------------------------------------------------------
 @hookspec
 def peftkit_trainable_parameters(
@@ -130,6 +146,20 @@ def peftkit_trainable_parameters(
     LoRA answers its ``bias`` choice here; BitFit its offsets; prompt methods their prompt module.
 
     :return: ``(name, parameter)`` pairs; None when the method trains nothing more.
+    """
+
+
+@hookspec
+def peftkit_on_optimizer_step(peft_model: PeftModel, config: PeftConfig, adapter_name: str, global_step: int) -> None:
+    """React to one optimizer step of training: after ``optimizer.step()``, before gradients are zeroed.
+
+    All implementations run. :meth:`peftkit.PeftModel.update_and_allocate` (PEFT's name, also reachable as
+    ``model.base_model.update_and_allocate``) calls this for every adapter; a transformers ``Trainer``
+    reaches it through a callback. AdaLoRA scores its singular values here and prunes ranks on its budget
+    schedule.
+
+    :param global_step: the number of optimizer steps taken so far, counting this one from 0 as PEFT does.
+    :return: None always.
     """
 
 

@@ -24,12 +24,17 @@ from peftkit.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 class AdaptedModel(nn.Module):
     """Holds the base model as ``.model``, so parameter paths read ``base_model.model.<path>`` as in PEFT."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, on_optimizer_step: Any = None) -> None:
         super().__init__()
         self.model = model
+        self._on_optimizer_step = on_optimizer_step
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """PEFT's spelling for training loops written against it: ``model.base_model.update_and_allocate(i)``."""
+        self._on_optimizer_step(global_step)
 
 
 class PeftModel(nn.Module):
@@ -43,7 +48,7 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
     ) -> None:
         super().__init__()
-        self.base_model = AdaptedModel(model)
+        self.base_model = AdaptedModel(model, on_optimizer_step=self.update_and_allocate)
         self.prompt_modules = nn.ModuleDict()  # prompt methods keep their per-adapter modules here
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = []
@@ -208,6 +213,15 @@ class PeftModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
+    def update_and_allocate(self, global_step: int) -> None:
+        """Tell every adapter's method that optimizer step ``global_step`` was taken (PEFT's AdaLoRA name).
+
+        Call it after ``optimizer.step()`` and before ``optimizer.zero_grad()``; methods that need no
+        training-loop work ignore it. With a transformers ``Trainer`` a method's callback calls it.
+        """
+        for name, config in list(self.peft_config.items()):
+            plugins.on_optimizer_step(self, config, name, global_step)
+
     # --- running ----------------------------------------------------------------------------------
     def _named_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         if not args:
@@ -230,7 +244,14 @@ class PeftModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.transform_inputs)
-        return self.base_model(**inputs)
+        outputs = self.base_model(**inputs)
+        if self._adapters_disabled:
+            return outputs
+        for name in self.active_adapters:
+            changed = plugins.transform_outputs(self, self.peft_config[name], name, inputs, outputs)
+            if changed is not None:
+                outputs = changed
+        return outputs
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.prepare_generation)

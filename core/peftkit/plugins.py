@@ -245,6 +245,20 @@ def prepare_generation_step(
     )
 
 
+def transform_outputs(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, inputs: dict, outputs: Any
+) -> Any | None:
+    return _hook().peftkit_transform_outputs(
+        peft_model=peft_model, config=config, adapter_name=adapter_name, inputs=inputs, outputs=outputs
+    )
+
+
+def on_optimizer_step(peft_model: PeftModel, config: PeftConfig, adapter_name: str, global_step: int) -> None:
+    _hook().peftkit_on_optimizer_step(
+        peft_model=peft_model, config=config, adapter_name=adapter_name, global_step=global_step
+    )
+
+
 def trainable_parameters(
     peft_model: PeftModel, config: PeftConfig, adapter_name: str
 ) -> list[tuple[str, Any]]:

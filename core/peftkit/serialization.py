@@ -23,11 +23,18 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def layer_tensors(peft_model: PeftModel, adapter_name: str, key_root: str) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in every adapter layer, keyed as PEFT keys them (no adapter name)."""
+def layer_tensors(
+    peft_model: PeftModel, adapter_name: str, key_root: str, for_saving: bool = False
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in every adapter layer, keyed as PEFT keys them (no adapter name).
+
+    ``for_saving``: as the file holds them (:meth:`AdapterLayer.saved_tensors`); otherwise the layers'
+    parameters themselves, which loading copies into.
+    """
     out = {}
     for path, layer in adapter_layers(peft_model.base_model.model):
-        for local, tensor in layer.adapter_parameters(adapter_name):
+        named = layer.saved_tensors(adapter_name) if for_saving else layer.adapter_parameters(adapter_name)
+        for local, tensor in named:
             out[f"{key_root}{path}.{local}"] = tensor
     return out
 
@@ -35,7 +42,7 @@ def layer_tensors(peft_model: PeftModel, adapter_name: str, key_root: str) -> di
 def adapter_state_dict(peft_model: PeftModel, adapter_name: str) -> dict[str, torch.Tensor]:
     config = peft_model.peft_config[adapter_name]
     spec = plugins.method_for_config(config)
-    state = layer_tensors(peft_model, adapter_name, spec.key_root)
+    state = layer_tensors(peft_model, adapter_name, spec.key_root, for_saving=True)
     state.update(plugins.extra_state_dict(peft_model, config, adapter_name))
     return {key: tensor.detach() for key, tensor in state.items()}
 
