@@ -7,6 +7,7 @@ click's runner on a fresh CLI.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -28,10 +29,13 @@ from peftkit.testing.models import tiny_llama
 from peftkit_lora import LoraConfig
 from safetensors.torch import save_file
 
+# the installed version, as discovery must report it
+LORA_VERSION = importlib.metadata.version("peftkit-lora")
 LORA_HOOKS = [
     "peftkit_adapter_state_dict",
     "peftkit_inject_adapter",
     "peftkit_load_adapter_state_dict",
+    "peftkit_model_methods",
     "peftkit_register_methods",
     "peftkit_trainable_parameters",
 ]
@@ -157,12 +161,13 @@ def test_methods_table(runs):
     ]:
         assert lora.index(value) == header.index(heading)
     assert "mergeable, supports-multiple-active" in lora
-    assert lora.split()[-1] == "0.1.0"
+    assert lora.split()[-1] == LORA_VERSION
     text = "\n".join(lines)
-    assert "  lora: plugin 'lora' (peftkit-lora 0.1.0)" in text
-    hooks = re.search(r"hooks:\s+(.*?)\n\s+location:", text, re.S).group(1)
+    assert f"  lora: plugin 'lora' (peftkit-lora {LORA_VERSION})" in text
+    lora_block = text[text.index("  lora: plugin") :]
+    hooks = re.search(r"hooks:\s+(.*?)\n\s+location:", lora_block, re.S).group(1)
     assert re.split(r",\s+", hooks.strip()) == LORA_HOOKS
-    assert re.search(r"location:\s+\S+peftkit_lora[/\\]plugin\.py$", text, re.M)
+    assert re.search(r"location:\s+\S+peftkit_lora[/\\]plugin\.py$", lora_block, re.M)
 
 
 def test_methods_json(runs):
@@ -176,7 +181,7 @@ def test_methods_json(runs):
         "supports_multiple_active": True,
         "needs_tokenizer": False,
     }
-    assert (lora["distribution"], lora["version"], lora["plugin"]) == ("peftkit-lora", "0.1.0", "lora")
+    assert (lora["distribution"], lora["version"], lora["plugin"]) == ("peftkit-lora", LORA_VERSION, "lora")
     assert lora["hooks"] == LORA_HOOKS
     assert Path(lora["location"]).parts[-2:] == ("peftkit_lora", "plugin.py")
     assert "lora" not in [b["name"] for b in report["broken"]]
@@ -290,12 +295,12 @@ def test_inspect_peftkit_adapter_table(runs, adapters):
     size = (adapters["kit"] / "adapter_model.safetensors").stat().st_size
     assert default.splitlines()[:4] == [
         f"Adapter 'default' at {adapters['kit']}",
-        "  method:     LORA, method 'lora' of plugin 'lora' (peftkit-lora 0.1.0)",
+        f"  method:     LORA, method 'lora' of plugin 'lora' (peftkit-lora {LORA_VERSION})",
         f"  file:       adapter_model.safetensors, {size:,} bytes ({human_size(size)})",
         "  parameters: 896 in 8 tensors",
     ]
     assert re.search(r"^    peftkit\.plugin\s+peftkit-lora$", default, re.M)
-    assert re.search(r"^    peftkit\.plugin_version\s+0\.1\.0$", default, re.M)
+    assert re.search(r"^    peftkit\.plugin_version\s+" + re.escape(LORA_VERSION) + "$", default, re.M)
     assert re.search(r"^    target_modules\s+\[\"q_proj\", \"v_proj\"\]$", default, re.M)
     assert re.search(r"^    r\s+4$", default, re.M)
     assert re.search(
@@ -317,7 +322,7 @@ def test_inspect_peftkit_adapter_json(runs, adapters):
     assert (default["peft_type"], default["method"], default["plugin"]) == ("LORA", "lora", "lora")
     assert (default["distribution"], default["version"], default["install"]) == (
         "peftkit-lora",
-        "0.1.0",
+        LORA_VERSION,
         None,
     )
     assert default["config"] == json.loads((adapters["kit"] / "adapter_config.json").read_text())
@@ -328,7 +333,7 @@ def test_inspect_peftkit_adapter_json(runs, adapters):
         "format": "pt",
         "peftkit.method": "lora",
         "peftkit.plugin": "peftkit-lora",
-        "peftkit.plugin_version": "0.1.0",
+        "peftkit.plugin_version": LORA_VERSION,
         "peftkit.version": peftkit.__version__,
     }
     tensors = {t["name"]: t for t in default["tensors"]}
@@ -363,7 +368,7 @@ def test_inspect_peft_adapter_json(runs, adapters):
 def test_inspect_peft_adapter_table(adapters):
     result = invoke("inspect", str(adapters["peft"]))
     assert result.exit_code == 0, result.output
-    assert "  method:     LORA, method 'lora' of plugin 'lora' (peftkit-lora 0.1.0)" in result.stdout
+    assert f"  method:     LORA, method 'lora' of plugin 'lora' (peftkit-lora {LORA_VERSION})" in result.stdout
     assert "  parameters: 256 in 4 tensors" in result.stdout
     assert re.search(r"^    format\s+pt$", result.stdout, re.M)
     assert re.search(r"^    peft_version\s+\"" + re.escape(peft.__version__) + '"$', result.stdout, re.M)

@@ -142,3 +142,55 @@ def test_training_changes_only_the_adapter():
     optimizer.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)
+
+
+class _Counter:
+    """A plugin adding a PeftModel method and reacting to optimizer steps and outputs, for the hooks below."""
+
+    def __init__(self, method_name: str = "count_adapter_layers") -> None:
+        self.method_name = method_name
+        self.steps: list[tuple[str, int]] = []
+
+    @peftkit.hookimpl
+    def peftkit_model_methods(self):
+        return {self.method_name: lambda model, scale=1: scale * len(model.adapter_layers())}
+
+    @peftkit.hookimpl
+    def peftkit_on_optimizer_step(self, peft_model, config, adapter_name, global_step):
+        self.steps.append((adapter_name, global_step))
+
+    @peftkit.hookimpl
+    def peftkit_transform_outputs(self, peft_model, config, adapter_name, inputs, outputs):
+        outputs.logits = outputs.logits + 1.0
+        return outputs
+
+
+def test_plugins_add_model_methods_and_hear_optimizer_steps_and_outputs():
+    model = peftkit.get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    with peftkit.plugins.registered(_Counter()) as counter:
+        assert model.count_adapter_layers(scale=3) == 3 * 2
+        model.update_and_allocate(0)
+        model.base_model.update_and_allocate(1)  # PEFT's spelling
+        assert counter.steps == [("default", 0), ("default", 1)]
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, plain + 1.0)
+            with model.disable_adapter():
+                torch.testing.assert_close(model(input_ids=ids).logits, plain)
+    with pytest.raises(AttributeError):
+        model.count_adapter_layers()  # gone with its plugin
+
+
+def test_two_plugins_adding_one_model_method_is_an_error_naming_both():
+    with (
+        peftkit.plugins.registered(_Counter("same"), name="first"),
+        peftkit.plugins.registered(_Counter("same"), name="second"),
+    ):
+        model = peftkit.get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+        with pytest.raises(
+            peftkit.PluginConflictError,
+            match="plugins 'first' and 'second' both add the PeftModel method 'same'",
+        ):
+            model.same()

@@ -16,6 +16,7 @@ model is ``peft_model.base_model.model``), ``config`` (the adapter's config, val
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -251,6 +252,19 @@ def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
     :param layer: the innermost base layer.
     :param weight: the new dense weight, same shape as :func:`peftkit_read_weight` gave.
     :return: True when written; None for a layer type this plugin does not know.
+    """
+
+
+# --- model methods ---------------------------------------------------------------------------------
+@hookspec
+def peftkit_model_methods() -> dict[str, Callable[..., Any]] | None:
+    """Add methods to :class:`peftkit.PeftModel`, as PEFT's per-method models add theirs.
+
+    All answers are gathered. ``model.<name>(*args, **kwargs)`` calls ``function(model, *args, **kwargs)``
+    when ``PeftModel`` itself has no attribute ``<name>``; LoRA adds ``add_weighted_adapter`` this way.
+    Two plugins that add one name are an error that names both.
+
+    :return: a dict of method name to function taking the ``PeftModel`` first; None when the plugin adds none.
     """
 
 

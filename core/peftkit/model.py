@@ -64,6 +64,9 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "prompt_modules"):
                 raise
+            added = None if name.startswith("_") else plugins.model_method(name)
+            if added is not None:
+                return functools.partial(added, self)
             return getattr(self.base_model.model, name)
 
     def get_base_model(self) -> nn.Module:

@@ -314,5 +314,19 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
         raise TypeError(f"no installed plugin can write the weight of a {type(layer).__name__} layer")
 
 
+def model_method(name: str) -> Any | None:
+    """The function a plugin added to PeftModel under ``name`` (``peftkit_model_methods``), or None."""
+    found: dict[str, tuple[str, Any]] = {}
+    for impl in host().pm.hook.peftkit_model_methods.get_hookimpls():
+        for method_name, function in (impl.function() or {}).items():
+            if method_name in found:
+                raise PluginConflictError(
+                    f"plugins {found[method_name][0]!r} and {impl.plugin_name!r} both add the PeftModel method "
+                    f"{method_name!r}; uninstall one, or block one with PEFTKIT_BLOCK_PLUGINS"
+                )
+            found[method_name] = (impl.plugin_name, function)
+    return found[name][1] if name in found else None
+
+
 def register_commands(cli: click.Group) -> None:
     _hook().peftkit_register_commands(cli=cli)
