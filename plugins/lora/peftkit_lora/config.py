@@ -14,7 +14,9 @@ from peftkit.config import (
     fail,
 )
 
-INIT_CHOICES = (True, False, "gaussian")
+from peftkit_lora.init import PISSA_NITER
+
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -79,24 +81,29 @@ class LoraConfig(PeftConfig):
             raise fail(self, "lora_alpha", self.lora_alpha, "a positive number")
         check_probability(self, "lora_dropout")
         check_choice(self, "bias", BIAS_CHOICES)
-        if (
-            self.init_lora_weights not in INIT_CHOICES
-            or isinstance(self.init_lora_weights, int)
-            and not isinstance(self.init_lora_weights, bool)
-        ):
-            raise fail(self, "init_lora_weights", self.init_lora_weights, "True, False or 'gaussian'")
-        for name in ("use_dora", "lora_bias"):
-            if getattr(self, name) is not False:
-                raise fail(
-                    self, name, getattr(self, name), f"False: peftkit-lora 0.1.0 does not implement {name}"
-                )
-        for name in ("use_rslora", "fan_in_fan_out"):
+        self._check_init()
+        if self.lora_bias is not False:
+            raise fail(self, "lora_bias", self.lora_bias, "False: peftkit-lora does not implement lora_bias")
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise fail(self, name, getattr(self, name), "True or False")
         check_str_list(self, "target_modules", allow_str=True)
         check_str_list(self, "exclude_modules", allow_str=True)
         self._check_layers()
         self._check_patterns()
+
+    def _check_init(self) -> None:
+        init = self.init_lora_weights
+        valid = (isinstance(init, bool) or isinstance(init, str)) and (
+            init in INIT_CHOICES or isinstance(init, str) and PISSA_NITER.fullmatch(init) is not None
+        )
+        if not valid or init == "pissa_niter_0":
+            raise fail(
+                self,
+                "init_lora_weights",
+                init,
+                "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations) or 'olora'",
+            )
 
     def _check_layers(self) -> None:
         layers = self.layers_to_transform

@@ -1,4 +1,7 @@
-"""The LoRA layer: ΔW = scaling · B A, added to the base output as scaling · B(A(dropout(x)))."""
+"""The LoRA layer: ΔW = scaling · B A, added to the base output as scaling · B(A(dropout(x))).
+
+With DoRA (``use_dora``) the layer computes m / ‖W + ΔW‖ · (W + ΔW) x instead: see :mod:`peftkit_lora.dora`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from peftkit import AdapterLayer
+from peftkit import AdapterLayer, plugins
 from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR
 from torch import nn
 
+from peftkit_lora import dora
 from peftkit_lora.config import LoraConfig
+from peftkit_lora.init import olora_factors, pissa_factors, uses_base_weight
 
 _CONV = {CONV1D: (nn.Conv1d, F.conv1d), CONV2D: (nn.Conv2d, F.conv2d), CONV3D: (nn.Conv3d, F.conv3d)}
 
@@ -31,15 +36,24 @@ class LoraLayer(AdapterLayer):
         "lora_B",
         "lora_embedding_A",
         "lora_embedding_B",
+        "lora_magnitude_vector",
     )
-    adapter_state_names: ClassVar[tuple[str, ...]] = ("lora_dropout", "r", "lora_alpha", "scaling")
+    adapter_state_names: ClassVar[tuple[str, ...]] = (
+        "lora_dropout",
+        "r",
+        "lora_alpha",
+        "scaling",
+        "merged_norms",
+    )
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D, CONV3D, EMBEDDING)
 
     def __init__(self, base_layer: nn.Module, features=None) -> None:
         super().__init__(base_layer, features)
         self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per output feature
         self.lora_dropout = nn.ModuleDict()
+        self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA: ‖W + ΔW‖ at merge time, to unmerge exactly
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -68,8 +82,52 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         )
-        self._init(adapter_name, config.init_lora_weights)
         self._move_to_base(*(p for _, p in self.adapter_parameters(adapter_name)), float_dtype=torch.float32)
+        if uses_base_weight(config.init_lora_weights):
+            self._init_from_base_weight(adapter_name, config.init_lora_weights)
+        else:
+            self._init(adapter_name, config.init_lora_weights)
+        if config.use_dora:
+            weight = self._rows(plugins.read_weight(self.get_base_layer()))
+            norms = dora.row_norms(weight, *self._factors(adapter_name), self.scaling[adapter_name])
+            if f.kind in _CONV:  # PEFT keeps a convolution's magnitude shaped (1, out, 1, ...)
+                norms = norms.view(1, -1, *([1] * len(f.kernel_size)))
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(norms)
+
+    def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
+        """PiSSA / OLoRA: the adapter takes the top of W, the base layer keeps the residual."""
+        if self.features.kind != LINEAR:
+            raise ValueError(
+                f"init_lora_weights={init!r} needs a linear layer, not a {self.features.kind} one"
+            )
+        base = self.get_base_layer()
+        weight = plugins.read_weight(base).detach().float()
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        if init == "olora":
+            a, b = olora_factors(weight, r)
+        else:
+            a, b = pissa_factors(weight, r, scaling, init)
+        with torch.no_grad():
+            self.lora_A[adapter_name].weight.copy_(a)
+            self.lora_B[adapter_name].weight.copy_(b)
+        plugins.write_weight(base, weight - scaling * (b @ a))
+
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as 2-D matrices, ``(r, K)`` and ``(out, r)``, in the row layout of :meth:`_rows`."""
+        if self.features.kind == EMBEDDING:
+            return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return a.flatten(1), b.flatten(1)
+
+    def _rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """A dense weight as one row per output feature (an embedding's output features are its columns)."""
+        return weight.T if self.features.kind == EMBEDDING else weight.flatten(1)
+
+    def _feature_view(self, vector: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A per-output-feature vector shaped to broadcast against a layer output (channels on dim 1 for conv)."""
+        if self.features.kind in _CONV:
+            return vector.view(1, -1, *([1] * (like.dim() - 2)))
+        return vector
 
     def _init(self, adapter_name: str, init: bool | str) -> None:
         if init is False:  # leave the random init: a non-identity adapter, as PEFT does for tests
@@ -88,6 +146,7 @@ class LoraLayer(AdapterLayer):
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        base_result = result
         out_dtype = result.dtype
         for name in adapter_names:
             if self.features.kind == EMBEDDING:
@@ -102,12 +161,50 @@ class LoraLayer(AdapterLayer):
                     base.scale_grad_by_freq,
                     base.sparse,
                 )
-                result = result + (after_a @ b.T).to(out_dtype) * self.scaling[name]
+                lora = (after_a @ b.T) * self.scaling[name]
+                h = None
             else:
                 a, b = self.lora_A[name], self.lora_B[name]
                 h = self.lora_dropout[name](x.to(a.weight.dtype))
-                result = result + (b(a(h)) * self.scaling[name]).to(out_dtype)
+                lora = b(a(h)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                result = result + self._dora_output(name, h, base_result, lora).to(out_dtype)
+            else:
+                result = result + lora.to(out_dtype)
         return result
+
+    def _dora_output(
+        self,
+        name: str,
+        dropped: torch.Tensor | None,
+        base_result: torch.Tensor,
+        lora: torch.Tensor,
+    ) -> torch.Tensor:
+        """What DoRA adds to the base output: (m/‖W + ΔW‖ − 1) · W x + m/‖W + ΔW‖ · ΔW x.
+
+        W x is the base layer's own output (less its bias) unless dropout changed the adapter's input,
+        in which case the base weight is applied once more to the dropped input.
+        """
+        base = self.get_base_layer()
+        weight = plugins.read_weight(base)
+        norm = dora.row_norms(self._rows(weight), *self._factors(name), self.scaling[name])
+        scale = self._feature_view(self.lora_magnitude_vector[name].flatten() / norm, lora)
+        if dropped is None or not self.training or isinstance(self.lora_dropout[name], nn.Identity):
+            plain = base_result
+            bias = getattr(base, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                plain = plain - self._feature_view(bias, plain)
+        else:
+            plain = self._apply_weight(dropped, weight.to(dropped.dtype))
+        return (scale - 1) * plain.to(lora.dtype) + scale * lora
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's weight (no bias) applied to ``x``."""
+        if self.features.kind == LINEAR:
+            return F.linear(x, weight)
+        base = self.get_base_layer()
+        _, conv_fn = _CONV[self.features.kind]
+        return conv_fn(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         scaling = self.scaling[adapter_name]
@@ -118,3 +215,26 @@ class LoraLayer(AdapterLayer):
             return (b @ a) * scaling
         _, conv_fn = _CONV[self.features.kind]
         return conv_fn(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().merged_weight(adapter_name, weight)
+        combined = weight.float() + self.delta_weight(adapter_name).detach().float()
+        norm = dora.dense_row_norms(self._rows(combined))
+        self.merged_norms[adapter_name] = norm
+        scale = self.lora_magnitude_vector[adapter_name].detach().flatten().float() / norm
+        return self._scale_rows(combined, scale).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if adapter_name not in self.lora_magnitude_vector:
+            return super().unmerged_weight(adapter_name, weight)
+        norm = self.merged_norms.pop(adapter_name)
+        scale = self.lora_magnitude_vector[adapter_name].detach().flatten().float() / norm
+        combined = self._scale_rows(weight.float(), 1 / scale)
+        return (combined - self.delta_weight(adapter_name).detach().float()).to(weight.dtype)
+
+    def _scale_rows(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Multiply each output feature's slice of a dense weight by its entry of ``scale``."""
+        if self.features.kind == EMBEDDING:
+            return weight * scale[None, :]
+        return weight * scale.view(-1, *([1] * (weight.dim() - 1)))

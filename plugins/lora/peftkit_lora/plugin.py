@@ -10,6 +10,7 @@ from peftkit.serialization import check_shape
 
 from peftkit_lora.config import LoraConfig
 from peftkit_lora.layer import LoraLayer
+from peftkit_lora.weighted_adapter import add_weighted_adapter
 
 # PEFT's default targets when target_modules is None, by transformers model_type.
 DEFAULT_TARGETS = {
@@ -34,6 +35,11 @@ DEFAULT_TARGETS = {
 @hookimpl
 def peftkit_register_methods() -> list[MethodSpec]:
     return [MethodSpec(name="lora", config_class=LoraConfig, peft_type="LORA", family="weight-delta")]
+
+
+@hookimpl
+def peftkit_model_methods():
+    return {"add_weighted_adapter": add_weighted_adapter}
 
 
 @method_impl("lora")

@@ -28,6 +28,7 @@ class TestLoraConformance(ConformanceSuite):
             r=r,
             lora_alpha=draw(st.sampled_from([1, 4, 8, 16]), label="lora_alpha"),
             use_rslora=draw(st.booleans(), label="use_rslora"),
+            use_dora=draw(st.booleans(), label="use_dora"),
             init_lora_weights=draw(st.sampled_from([True, "gaussian"]), label="init_lora_weights"),
             lora_dropout=draw(st.sampled_from([0.0, 0.1]), label="lora_dropout"),
             bias=draw(st.sampled_from(["none", "all", "lora_only"]), label="bias"),

@@ -16,8 +16,9 @@ from peftkit_lora import LoraConfig
         (dict(lora_dropout=1.0), "LoraConfig.lora_dropout must be a number in [0, 1), got 1.0"),
         (dict(bias="some"), "LoraConfig.bias must be one of 'none', 'all', 'lora_only', got 'some'"),
         (
-            dict(init_lora_weights="pissa"),
-            "LoraConfig.init_lora_weights must be True, False or 'gaussian', got 'pissa'",
+            dict(init_lora_weights="loftq"),
+            "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' "
+            "(N >= 1 iterations) or 'olora', got 'loftq'",
         ),
         (
             dict(target_modules=3),
@@ -59,13 +60,17 @@ def test_sets_of_names_are_kept_as_sorted_lists_and_task_types_as_enums():
     assert config.to_dict()["task_type"] == "CAUSAL_LM"
 
 
-@pytest.mark.parametrize("field", ["use_dora", "lora_bias"])
-def test_peft_lora_features_not_implemented_here_fail_clearly(field):
-    message = f"LoraConfig.{field} must be False: peftkit-lora 0.1.0 does not implement {field}, got True"
+def test_lora_bias_is_not_implemented_and_fails_clearly():
+    message = "LoraConfig.lora_bias must be False: peftkit-lora does not implement lora_bias, got True"
     with pytest.raises(ConfigError, match=message):
-        LoraConfig(**{field: True})
+        LoraConfig(lora_bias=True)
     with pytest.raises(ConfigError, match=message):
-        LoraConfig.from_dict(LoraConfig(r=4).to_dict() | {field: True})
+        LoraConfig.from_dict(LoraConfig(r=4).to_dict() | {"lora_bias": True})
+
+
+def test_use_dora_must_be_a_bool():
+    with pytest.raises(ConfigError, match="LoraConfig.use_dora must be True or False, got 'yes'"):
+        LoraConfig(use_dora="yes")
 
 
 def test_other_peft_features_fail_clearly_when_a_saved_config_uses_them():
