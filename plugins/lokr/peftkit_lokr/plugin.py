@@ -1,0 +1,47 @@
+"""LoKr's hook implementations: register the method and inject it into the targeted layers."""
+
+from __future__ import annotations
+
+from peftkit import MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
+
+from peftkit_lokr.config import LoKrConfig
+from peftkit_lokr.layer import LoKrLayer
+
+# PEFT's default targets when target_modules is None, by transformers model_type (LoKr uses LoRA's table).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+}
+
+
+@hookimpl
+def peftkit_register_methods() -> list[MethodSpec]:
+    return [MethodSpec(name="lokr", config_class=LoKrConfig, peft_type="LOKR", family="weight-delta")]
+
+
+@method_impl("lokr")
+def peftkit_inject_adapter(peft_model, config: LoKrConfig, adapter_name: str) -> bool:
+    if config.target_modules is None:
+        model_type = getattr(getattr(peft_model.base_model.model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise TargetModulesError(
+                f"LoKrConfig.target_modules is None and peftkit-lokr has no default for model_type "
+                f"{model_type!r}; name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'] "
+                "or 'all-linear')"
+            )
+        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    inject_into_targets(peft_model, config, adapter_name, LoKrLayer)
+    return True
