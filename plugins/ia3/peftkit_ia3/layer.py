@@ -22,7 +22,7 @@ import re
 from typing import ClassVar
 
 import torch
-from peftkit import AdapterLayer, MergeNotSupportedError
+from peftkit import AdapterLayer
 from peftkit.layer_access import CONV2D, CONV3D, LINEAR
 from torch import nn
 
@@ -77,14 +77,6 @@ class IA3Layer(AdapterLayer):
 
     # Model code reads a wrapped layer's weight (T5's feed-forward block checks ``self.wo.weight.dtype``),
     # as it can through PEFT's layers.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.get_base_layer().weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.get_base_layer(), "bias", None)
-
     def _vector_shape(self, feedforward: bool) -> tuple[int, ...]:
         f = self.features
         channels = f.in_features if feedforward else f.out_features
@@ -114,28 +106,6 @@ class IA3Layer(AdapterLayer):
         return product.flatten() if self.features.kind == LINEAR else product
 
     # --- merging ----------------------------------------------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        to_merge = [name for name in names if self.holds(name) and name not in self.merged_adapters]
-        if to_merge:
-            self._refuse_merge_over_unmerged_inner_adapters(to_merge)
-        super().merge(adapter_names, safe_merge)
-
-    def _refuse_merge_over_unmerged_inner_adapters(self, names: list[str]) -> None:
-        """Wrapped around another method's layer, IA3 scales that layer's adapter too; folding ``l`` into the
-        base weight alone would leave the inner adapter unscaled, so the inner adapters must merge first."""
-        layer = self.base_layer
-        while isinstance(layer, AdapterLayer):
-            unmerged = [n for n in layer.active_adapters if n not in layer.merged_adapters]
-            if unmerged:
-                raise MergeNotSupportedError(
-                    f"ia3 adapter(s) {names} wrap a {type(layer).__name__} whose active adapter(s) {unmerged} are "
-                    "not merged; IA3 scales their output too, so merge those first (merge_adapter(["
-                    + ", ".join(repr(n) for n in unmerged)
-                    + "]), or list them before the IA3 adapter)"
-                )
-            layer = layer.base_layer
-
     def _weight_factor(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """``l`` shaped to broadcast over the weight, laid out ``(out, in / groups, *kernel)``."""
         vector = self.ia3_l[adapter_name].detach().flatten()
