@@ -1,0 +1,169 @@
+"""AdaLoRA's hook implementations: register, inject, allocate ranks at each optimizer step, regularise."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peftkit import ConfigError, MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
+from peftkit.method import method_of
+from peftkit.serialization import check_shape
+
+from peftkit_adalora import allocation
+from peftkit_adalora.config import AdaLoraConfig
+from peftkit_adalora.layer import AdaLoraLayer
+
+# PEFT's default targets for AdaLoRA when target_modules is None, by transformers model_type.
+DEFAULT_TARGETS = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"],
+}
+
+
+@hookimpl
+def peftkit_register_methods() -> list[MethodSpec]:
+    return [
+        MethodSpec(name="adalora", config_class=AdaLoraConfig, peft_type="ADALORA", family="weight-delta")
+    ]
+
+
+def _layers(peft_model, adapter_name: str) -> list[tuple[str, AdaLoraLayer]]:
+    return [
+        (path, layer)
+        for path, layer in peft_model.adapter_layers()
+        if isinstance(layer, AdaLoraLayer) and layer.holds(adapter_name)
+    ]
+
+
+def _check_one_trainable(peft_model, config: AdaLoraConfig, adapter_name: str) -> None:
+    """PEFT's rule: one AdaLoRA adapter trains (its allocator owns the ranks); others load for inference."""
+    if config.inference_mode:
+        return
+    trainable = [
+        name
+        for name, other in peft_model.peft_config.items()
+        if name != adapter_name and method_of(other) == "adalora" and not other.inference_mode
+    ]
+    if trainable:
+        raise ConfigError(
+            f"AdaLoRA supports only one trainable adapter per model, and {trainable[0]!r} is trainable; "
+            f"add {adapter_name!r} with inference_mode=True (or load it without is_trainable)"
+        )
+
+
+@method_impl("adalora")
+def peftkit_inject_adapter(peft_model, config: AdaLoraConfig, adapter_name: str) -> bool:
+    _check_one_trainable(peft_model, config, adapter_name)
+    if config.target_modules is None:
+        model_type = getattr(getattr(peft_model.base_model.model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise TargetModulesError(
+                f"AdaLoraConfig.target_modules is None and peftkit-adalora has no default for model_type "
+                f"{model_type!r}; name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'])"
+            )
+        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    inject_into_targets(peft_model, config, adapter_name, AdaLoraLayer)
+    return True
+
+
+@method_impl("adalora")
+def peftkit_on_optimizer_step(peft_model, config: AdaLoraConfig, adapter_name: str, global_step: int) -> None:
+    if config.inference_mode:
+        return None
+    allocation.update_and_allocate(_layers(peft_model, adapter_name), config, adapter_name, global_step)
+    return None
+
+
+def orthogonality_regularizer(peft_model, adapter_name: str) -> torch.Tensor:
+    """PEFT's regulariser: the mean over the adapter's P and Q factors of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F."""
+    penalties = [
+        penalty
+        for _, layer in _layers(peft_model, adapter_name)
+        for penalty in layer.orthogonality_penalties(adapter_name)
+    ]
+    return torch.stack(penalties).mean()
+
+
+@method_impl("adalora")
+def peftkit_transform_outputs(peft_model, config: AdaLoraConfig, adapter_name: str, inputs, outputs):
+    loss = getattr(outputs, "loss", None)
+    if not (peft_model.training and not config.inference_mode and isinstance(loss, torch.Tensor)):
+        return None
+    if config.orth_reg_weight == 0:
+        return None
+    regularizer = orthogonality_regularizer(peft_model, adapter_name)
+    outputs.loss = loss + config.orth_reg_weight * regularizer.to(loss.dtype)
+    return outputs
+
+
+# --- biases (PEFT's ``bias`` field, as for LoRA) ------------------------------------------------------------
+def _trained_biases(peft_model, config: AdaLoraConfig, adapter_name: str) -> dict[str, torch.nn.Parameter]:
+    """The biases that train: none, all of the model's, or those of the layers this adapter adapts."""
+    if config.bias == "none":
+        return {}
+    model = peft_model.base_model.model
+    owned = {
+        id(p)
+        for _, layer in peft_model.adapter_layers()
+        for name in peft_model.peft_config
+        for _, p in layer.adapter_parameters(name)
+    }
+    biases = {
+        name: p
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and ".lora_" not in name and id(p) not in owned
+    }
+    if config.bias == "lora_only":
+        wrapped = [path + ".base_layer." for path, _ in _layers(peft_model, adapter_name)]
+        biases = {name: p for name, p in biases.items() if any(name.startswith(prefix) for prefix in wrapped)}
+    return biases
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter name without ``.base_layer``: the same whichever adapters wrap the layer."""
+    return re.sub(r"\.base_layer(?=\.)", "", name)
+
+
+@method_impl("adalora")
+def peftkit_trainable_parameters(peft_model, config: AdaLoraConfig, adapter_name: str):
+    return list(_trained_biases(peft_model, config, adapter_name).items())
+
+
+@method_impl("adalora")
+def peftkit_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str):
+    return {
+        f"base_model.model.{name}": p for name, p in _trained_biases(peft_model, config, adapter_name).items()
+    }
+
+
+@method_impl("adalora")
+def peftkit_load_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str, state_dict):
+    biases = {
+        _unwrapped(name): param for name, param in _trained_biases(peft_model, config, adapter_name).items()
+    }
+    taken = []
+    for key, value in state_dict.items():
+        name = _unwrapped(key.removeprefix("base_model.model."))
+        if name not in biases:
+            continue
+        check_shape(key, value, biases[name])
+        with torch.no_grad():
+            biases[name].copy_(value)
+        taken.append(key)
+    return taken
