@@ -66,7 +66,10 @@ class AdapterLayer(nn.Module):
         return None
 
     def saved_tensors(self, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
-        """The tensors saved for this layer, named relative to it (default: :meth:`adapter_parameters`)."""
+        """The tensors saved for this layer, named relative to it (default: :meth:`adapter_parameters`).
+
+        Called on every adapter layer of the model: return ``[]`` where the layer does not hold the adapter.
+        """
         return self.adapter_parameters(adapter_name)
 
     # --- shared machinery -----------------------------------------------------------------------
@@ -76,6 +79,15 @@ class AdapterLayer(nn.Module):
         while isinstance(layer, AdapterLayer):
             layer = layer.base_layer
         return layer
+
+    # Models read their layers' tensors directly (T5 checks ``self.wo.weight.dtype``), as through PEFT's layers.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.get_base_layer(), "bias", None)
 
     @property
     def adapter_names(self) -> list[str]:

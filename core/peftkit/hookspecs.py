@@ -144,14 +144,16 @@ def peftkit_trainable_parameters(
 
     All answers are gathered. The core already makes trainable the adapter's tensors in every
     :class:`peftkit.AdapterLayer` and its ``modules_to_save`` copies, and freezes everything else.
-    LoRA answers its ``bias`` choice here; BitFit its offsets; prompt methods their prompt module.
+    LoRA answers its ``bias`` choice here; prompt methods their prompt module.
 
     :return: ``(name, parameter)`` pairs; None when the method trains nothing more.
     """
 
 
 @hookspec
-def peftkit_on_optimizer_step(peft_model: PeftModel, config: PeftConfig, adapter_name: str, global_step: int) -> None:
+def peftkit_on_optimizer_step(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, global_step: int
+) -> None:
     """React to one optimizer step of training: after ``optimizer.step()``, before gradients are zeroed.
 
     All implementations run. :meth:`peftkit.PeftModel.update_and_allocate` (PEFT's name, also reachable as

@@ -18,15 +18,29 @@ from peftkit.modules_to_save import matches_module_to_save
 ALL_LINEAR = "all-linear"
 
 
+def logical_path(path: str) -> str:
+    """A module's path in the base model as it was before any adapter wrapped it (no ``.base_layer``)."""
+    return re.sub(r"\.base_layer(?=\.|$)", "", path)
+
+
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules an adapter may target: everything but the insides of adapter layers."""
-    out, inside = [], []
+    """Modules an adapter may target, outermost wrapper first, with their paths in ``model``.
+
+    An adapter layer stands for the module it wraps; its own adapter modules are not candidates, but the
+    insides of a wrapped block are (LoRA may target ``q_proj`` inside an attention block that a
+    bottleneck adapter wraps). Targets are matched on :func:`logical_path`.
+    """
+    out: list[tuple[str, nn.Module]] = []
+    hidden: list[str] = []  # adapter layers' own submodules
+    wrapped: set[str] = set()  # base layers, represented by the adapter layer around them
     for path, module in model.named_modules():
-        if not path or any(path.startswith(prefix) for prefix in inside):
+        if not path or any(path == h or path.startswith(h + ".") for h in hidden):
             continue
-        out.append((path, module))
+        if path not in wrapped:
+            out.append((path, module))
         if isinstance(module, AdapterLayer):
-            inside.append(path + ".")
+            wrapped.add(f"{path}.base_layer")
+            hidden += [f"{path}.{name}" for name, _ in module.named_children() if name != "base_layer"]
     return out
 
 
@@ -72,6 +86,7 @@ def _matches(path: str, spec: Any) -> bool:
 
 def is_target(path: str, config: Any, target_modules: Any) -> bool:
     """PEFT's matching: exclude_modules and modules_to_save first, then target_modules, then layer indices."""
+    path = logical_path(path)
     exclude = getattr(config, "exclude_modules", None)
     if exclude and _matches(path, exclude):
         return False
@@ -156,7 +171,7 @@ def inject_into_targets(
                 )
             module = layer_class(module, features)
             model.set_submodule(path, module)
-        module.update_layer(adapter_name, config, path)
+        module.update_layer(adapter_name, config, logical_path(path))
         # new submodules (dropout) start in training mode: give them the mode of the layer they adapt
         module.train(training)
     return paths

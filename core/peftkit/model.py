@@ -16,7 +16,7 @@ from torch import nn
 
 from peftkit import plugins, serialization
 from peftkit.adapter_layer import AdapterLayer, adapter_layers
-from peftkit.config import PeftConfig, read_config_dict, with_task_heads
+from peftkit.config import CONFIG_NAME, PeftConfig, read_config_dict, with_task_heads
 from peftkit.errors import AdapterNameError, ConfigError, MergeNotSupportedError
 from peftkit.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 
@@ -144,13 +144,13 @@ class PeftModel(nn.Module):
         if not names:
             raise AdapterNameError("set_adapter needs at least one adapter name")
         self._check_known(names)
-        if len(names) > 1:
-            for name in names:
-                spec = self._method(name)
-                if not spec.supports_multiple_active:
-                    raise ConfigError(
-                        f"{spec.name} adapter {name!r} cannot be active together with other adapters"
-                    )
+        exclusive = [name for name in names if not self._method(name).supports_multiple_active]
+        if len(exclusive) > 1:
+            kinds = ", ".join(f"{name!r} ({self._method(name).name})" for name in exclusive)
+            raise ConfigError(
+                f"adapters {kinds} cannot be active together: each one's method allows no other such adapter "
+                "beside it (one prompt at a time); any number of layer adapters may join one of them"
+            )
         self.active_adapters = names
         for _, layer in self.adapter_layers():
             layer.set_active(names)
@@ -295,22 +295,56 @@ class PeftModel(nn.Module):
                 )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (by default every active one) into the base weights.
+
+        Where adapters of several methods wrap one base layer they merge innermost first, the order in
+        which they apply: the first added is innermost. An outer adapter cannot merge over an inner one
+        that stays active and unmerged, because the inner one would then act on the merged weight.
+        """
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         self._check_known(names)
         self._check_mergeable(names)
         self._warn_tied_weights(names)
-        for name in names:
-            config = self.peft_config[name]
-            if plugins.merge_adapter(self, config, name):
-                continue
-            for _, layer in self.adapter_layers():
-                if layer.holds(name):
-                    layer.merge([name], safe_merge=safe_merge)
+        in_layers = [name for name in names if not plugins.merge_adapter(self, self.peft_config[name], name)]
+        stacks = self._layer_stacks()
+        for stack in stacks:
+            self._check_merge_order(stack, in_layers)
+        for stack in stacks:
+            for layer in stack:
+                layer.merge([name for name in in_layers if layer.holds(name)], safe_merge=safe_merge)
+
+    def _layer_stacks(self) -> list[list[AdapterLayer]]:
+        """Adapter layers grouped by the base layer they wrap, innermost first."""
+        stacks: dict[int, list[tuple[str, AdapterLayer]]] = {}
+        for path, layer in self.adapter_layers():
+            stacks.setdefault(id(layer.get_base_layer()), []).append((path, layer))
+        return [
+            [layer for _, layer in sorted(stack, key=lambda item: -len(item[0]))] for stack in stacks.values()
+        ]
+
+    def _check_merge_order(self, stack: list[AdapterLayer], merging: list[str]) -> None:
+        pending: list[str] = []  # active, unmerged adapters of inner layers that stay unmerged
+        for layer in stack:
+            held = [
+                name
+                for name in self.active_adapters
+                if layer.holds(name) and name not in layer.merged_adapters
+            ]
+            outer = [name for name in merging if layer.holds(name)]
+            if outer and pending:
+                raise MergeNotSupportedError(
+                    f"cannot merge adapter {outer[0]!r} while adapter {pending[0]!r}, which wraps the same layer "
+                    "beneath it, stays active and unmerged: merge both (merge_adapter() merges every active "
+                    f"adapter, innermost first), or activate without {pending[0]!r}"
+                )
+            pending += [name for name in held if name not in merging]
 
     def _warn_tied_weights(self, names: list[str]) -> None:
         """Merging into a weight that other modules share (tied embeddings) changes them too: say so."""
         owners: dict[int, list[str]] = {}
         for path, module in self.base_model.model.named_modules(remove_duplicate=False):
+            if isinstance(module, AdapterLayer):
+                continue  # it shows its base layer's weight, which is not a tie
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter):
                 owners.setdefault(id(weight), []).append(path)
@@ -395,15 +429,24 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         subfolder: str | None = None,
+        all_adapters: bool = False,
         **_: Any,
     ) -> PeftModel:
-        """Load a saved adapter (ours or PEFT's) onto ``model``; it is active and, unless is_trainable, frozen."""
+        """Load a saved adapter (ours or PEFT's) onto ``model``; it is active and, unless is_trainable, frozen.
+
+        ``all_adapters=True`` also loads every adapter saved in a sub-folder (where :meth:`save_pretrained`
+        puts adapters not named "default"), each under its folder's name and inactive, as
+        :meth:`load_adapter` leaves them: activate them with :meth:`set_adapter`.
+        """
         folder = Path(model_id, subfolder) if subfolder else Path(model_id)
         config = config if config is not None else load_config(folder)
         config.inference_mode = not is_trainable
         tensors = serialization.read_tensors(folder)
         peft_model = cls(model, config, adapter_name)
         serialization.load_adapter_state_dict(peft_model, adapter_name, tensors)
+        if all_adapters:
+            for sub in sorted(path for path in folder.iterdir() if (path / CONFIG_NAME).is_file()):
+                peft_model.load_adapter(sub, sub.name, is_trainable=is_trainable)
         return peft_model
 
     def load_adapter(

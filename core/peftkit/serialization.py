@@ -15,6 +15,7 @@ import torch
 from peftkit import plugins
 from peftkit.adapter_layer import adapter_layers
 from peftkit.errors import AdapterLoadError
+from peftkit.injection import logical_path
 
 if TYPE_CHECKING:
     from peftkit.model import PeftModel
@@ -29,13 +30,14 @@ def layer_tensors(
     """The adapter's tensors in every adapter layer, keyed as PEFT keys them (no adapter name).
 
     ``for_saving``: as the file holds them (:meth:`AdapterLayer.saved_tensors`); otherwise the layers'
-    parameters themselves, which loading copies into.
+    parameters themselves, which loading copies into. Paths are those of the base model before any
+    adapter wrapped it, so a key does not depend on which other adapters share the model.
     """
     out = {}
     for path, layer in adapter_layers(peft_model.base_model.model):
         named = layer.saved_tensors(adapter_name) if for_saving else layer.adapter_parameters(adapter_name)
         for local, tensor in named:
-            out[f"{key_root}{path}.{local}"] = tensor
+            out[f"{key_root}{logical_path(path)}.{local}"] = tensor
     return out
 
 

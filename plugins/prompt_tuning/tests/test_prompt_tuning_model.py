@@ -155,7 +155,8 @@ def test_two_prompt_adapters_cannot_be_active_together_nor_merged():
     model = peftkit.get_peft_model(tiny_llama(), prompt())
     model.add_adapter("other", prompt())
     with pytest.raises(
-        ConfigError, match="prompt_tuning adapter 'default' cannot be active together with other"
+        ConfigError,
+        match=r"adapters 'default' \(prompt_tuning\), 'other' \(prompt_tuning\) cannot be active together",
     ):
         model.set_adapter(["default", "other"])
     with pytest.raises(MergeNotSupportedError, match="prompt_tuning cannot be merged into the base weights"):
