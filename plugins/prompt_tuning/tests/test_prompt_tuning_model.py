@@ -96,7 +96,7 @@ def test_inputs_embeds_work_as_input_ids_do():
 def test_a_forward_without_input_ids_or_inputs_embeds_is_refused():
     model = peftkit.get_peft_model(tiny_llama(), prompt())
     with pytest.raises(
-        ValueError, match="a model with a prompt tuning adapter needs input_ids or inputs_embeds"
+        ValueError, match="a model with a virtual-token adapter needs input_ids or inputs_embeds"
     ):
         model(attention_mask=torch.ones_like(IDS))
 
