@@ -1,0 +1,128 @@
+"""The prompt encoder on a model: registration, training, loading to train on, and load errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peftkit
+import pytest
+import torch
+from peftkit import AdapterLoadError, ConfigError, plugins
+from peftkit.testing.models import randomize_trainable, tiny_llama
+from peftkit_p_tuning import PromptEncoderConfig
+
+IDS = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+
+
+def p_tuning(task="CAUSAL_LM", n=3, **kwargs):
+    return PromptEncoderConfig(task_type=task, num_virtual_tokens=n, **kwargs)
+
+
+def test_the_method_is_registered_with_p_tuning_s_capabilities():
+    spec = plugins.method_named("p_tuning")
+    assert (spec.peft_type, spec.family, spec.key_root) == ("P_TUNING", "prompt", "base_model.")
+    assert spec.capabilities() == {
+        "mergeable": False,
+        "supports_multiple_active": False,
+        "needs_tokenizer": False,
+    }
+    assert (spec.distribution, spec.version) == ("peftkit-p-tuning", "0.1.0")
+    assert peftkit.PromptEncoderConfig is PromptEncoderConfig
+
+
+def test_causal_lm_sees_the_encoder_s_virtual_tokens_before_the_input():
+    model = peftkit.get_peft_model(tiny_llama(), p_tuning(n=4, encoder_reparameterization_type="LSTM"))
+    module = model.prompt_modules["default"]
+    assert module.virtual_tokens().shape == (4, 32)
+    assert model(input_ids=IDS).logits.shape == (2, 4 + 5, 128)
+    assert model.peft_config["default"].encoder_hidden_size == 32  # the embedding width when None
+    # the embeddings alone are not the virtual tokens: the encoder transforms them
+    assert not torch.allclose(module.virtual_tokens(), module.embedding.weight)
+
+
+def test_lstm_dropout_acts_only_while_training():
+    model = peftkit.get_peft_model(
+        tiny_llama(),
+        p_tuning(encoder_reparameterization_type="LSTM", encoder_num_layers=2, encoder_dropout=0.5),
+    )
+    module = model.prompt_modules["default"]
+    assert module.lstm_head.dropout == 0.5
+    model.eval()
+    torch.testing.assert_close(module.virtual_tokens(), module.virtual_tokens(), rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(module.virtual_tokens(), module.virtual_tokens())
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_a_p_tuned_causal_lm_s_loss_falls(encoder):
+    """Teach a frozen causal LM to answer every prompt with token 7 through the encoder's virtual tokens."""
+    torch.manual_seed(0)
+    model = peftkit.get_peft_model(
+        tiny_llama(initializer_range=0.2), p_tuning(n=8, encoder_reparameterization_type=encoder)
+    )
+    prompts = torch.randint(10, 128, (16, 6))
+    batch = torch.cat([prompts, torch.full((16, 1), 7)], dim=1)
+    labels = batch.clone()
+    labels[:, :-1] = -100
+    module = model.prompt_modules["default"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in module.parameters()}
+    before = module.virtual_tokens().detach().clone()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(30):
+        loss = model(input_ids=batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert not torch.allclose(module.virtual_tokens().detach(), before)
+
+
+def test_an_adapter_loaded_to_train_goes_on_from_its_virtual_tokens(tmp_path):
+    base = tiny_llama()
+    pristine = copy.deepcopy(base)
+    ours = randomize_trainable(peftkit.get_peft_model(base, p_tuning()), scale=0.5)
+    expected = ours(input_ids=IDS).logits
+    ours.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"saved as its virtual tokens, without the prompt encoder"):
+        loaded = peftkit.PeftModel.from_pretrained(pristine, tmp_path, is_trainable=True)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        "prompt_modules.default.embedding.weight"
+    ]
+    torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_token_dim_other_than_the_embedding_width_is_refused():
+    with pytest.raises(
+        ConfigError,
+        match=r"PromptEncoderConfig.token_dim must be the width of the model's word embeddings \(32\), got 16",
+    ):
+        peftkit.get_peft_model(tiny_llama(), p_tuning(token_dim=16))
+
+
+def test_loading_an_adapter_with_another_number_of_virtual_tokens_names_both_shapes(tmp_path):
+    peftkit.get_peft_model(tiny_llama(), p_tuning(n=3)).save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"num_virtual_tokens": 4}))
+    with pytest.raises(
+        AdapterLoadError,
+        match=r"tensor 'prompt_embeddings' has shape \(3, 32\) in the adapter file but \(4, 32\) in the model",
+    ):
+        peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_loading_an_adapter_file_without_prompt_embeddings_fails_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    peftkit.get_peft_model(tiny_llama(), p_tuning()).save_pretrained(tmp_path)
+    save_file({}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(
+        AdapterLoadError,
+        match=r"the adapter file has no tensor 'prompt_embeddings', which every P-tuning adapter holds",
+    ):
+        peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
