@@ -81,6 +81,28 @@ def check_str_list(config: Any, field_name: str, allow_str: bool = False, allow_
     raise fail(config, field_name, value, allowed)
 
 
+def check_layer_selection(config: Any) -> None:
+    """PEFT's ``layers_to_transform`` (a layer index or a list of them, only with a list of target names)
+    and ``layers_pattern`` (the name of the layer list in module paths, only with layer indices)."""
+    layers = config.layers_to_transform
+    if layers is not None:
+        values = [layers] if isinstance(layers, int) else layers
+        if not isinstance(values, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+        ):
+            raise fail(
+                config, "layers_to_transform", layers, "None, a layer index or a list of layer indices"
+            )
+        if isinstance(config.target_modules, str):
+            raise fail(config, "layers_to_transform", layers, "None when target_modules is a regex string")
+    if config.layers_pattern is not None:
+        check_str_list(config, "layers_pattern", allow_str=True)
+        if layers is None:
+            raise fail(
+                config, "layers_pattern", config.layers_pattern, "None unless layers_to_transform is set"
+            )
+
+
 @dataclass
 class PeftConfig:
     """Fields every method shares, under PEFT's names.

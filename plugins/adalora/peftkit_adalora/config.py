@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from peftkit.config import (
     PeftConfig,
     check_choice,
+    check_layer_selection,
     check_positive_int,
     check_probability,
     check_str_list,
@@ -142,23 +143,7 @@ class AdaLoraConfig(PeftConfig):
                 raise fail(self, name, getattr(self, name), "True or False")
         check_str_list(self, "target_modules", allow_str=True)
         check_str_list(self, "exclude_modules", allow_str=True)
-        layers = self.layers_to_transform
-        if layers is not None:
-            values = [layers] if isinstance(layers, int) else layers
-            if not isinstance(values, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
-            ):
-                raise fail(
-                    self, "layers_to_transform", layers, "None, a layer index or a list of layer indices"
-                )
-            if isinstance(self.target_modules, str):
-                raise fail(self, "layers_to_transform", layers, "None when target_modules is a regex string")
-        if self.layers_pattern is not None:
-            check_str_list(self, "layers_pattern", allow_str=True)
-            if layers is None:
-                raise fail(
-                    self, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set"
-                )
+        check_layer_selection(self)
 
     def _check_rank_pattern(self) -> None:
         if self.rank_pattern is None:

@@ -6,7 +6,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from peftkit.config import PeftConfig, check_positive_int, check_probability, check_str_list, fail
+from peftkit.config import (
+    PeftConfig,
+    check_layer_selection,
+    check_positive_int,
+    check_probability,
+    check_str_list,
+    fail,
+)
 
 
 def _is_number(value: Any) -> bool:
@@ -54,26 +61,9 @@ class LoHaConfig(PeftConfig):
                 raise fail(self, name, getattr(self, name), "True or False")
         check_str_list(self, "target_modules", allow_str=True)
         check_str_list(self, "exclude_modules", allow_str=True)
-        self._check_layers()
+        check_layer_selection(self)
         self._check_pattern("rank_pattern", "a positive integer rank", _is_positive_int)
         self._check_pattern("alpha_pattern", "a positive alpha", lambda v: _is_number(v) and v > 0)
-
-    def _check_layers(self) -> None:
-        layers = self.layers_to_transform
-        if layers is not None:
-            values = [layers] if isinstance(layers, int) else layers
-            if not isinstance(values, list) or not all(_is_positive_int(v) or v == 0 for v in values):
-                raise fail(
-                    self, "layers_to_transform", layers, "None, a layer index or a list of layer indices"
-                )
-            if isinstance(self.target_modules, str):
-                raise fail(self, "layers_to_transform", layers, "None when target_modules is a regex string")
-        if self.layers_pattern is not None:
-            check_str_list(self, "layers_pattern", allow_str=True)
-            if layers is None:
-                raise fail(
-                    self, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set"
-                )
 
     def _check_pattern(self, name: str, value_kind: str, valid: Any) -> None:
         patterns = getattr(self, name)

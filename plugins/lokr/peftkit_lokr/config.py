@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from peftkit.config import PeftConfig, check_positive_int, check_probability, check_str_list, fail
+from peftkit.config import (
+    PeftConfig,
+    check_layer_selection,
+    check_positive_int,
+    check_probability,
+    check_str_list,
+    fail,
+)
 
 INIT_CHOICES = (True, False, "lycoris")
 
@@ -69,27 +76,8 @@ class LoKrConfig(PeftConfig):
             raise fail(self, "init_weights", self.init_weights, "True, False or 'lycoris'")
         check_str_list(self, "target_modules", allow_str=True)
         check_str_list(self, "exclude_modules", allow_str=True)
-        self._check_layers()
+        check_layer_selection(self)
         self._check_patterns()
-
-    def _check_layers(self) -> None:
-        layers = self.layers_to_transform
-        if layers is not None:
-            values = [layers] if isinstance(layers, int) else layers
-            if not isinstance(values, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
-            ):
-                raise fail(
-                    self, "layers_to_transform", layers, "None, a layer index or a list of layer indices"
-                )
-            if isinstance(self.target_modules, str):
-                raise fail(self, "layers_to_transform", layers, "None when target_modules is a regex string")
-        if self.layers_pattern is not None:
-            check_str_list(self, "layers_pattern", allow_str=True)
-            if layers is None:
-                raise fail(
-                    self, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set"
-                )
 
     def _check_patterns(self) -> None:
         # PEFT types both as Optional: a saved None means "no per-module values"

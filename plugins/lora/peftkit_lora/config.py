@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from peftkit.config import (
     PeftConfig,
     check_choice,
+    check_layer_selection,
     check_positive_int,
     check_probability,
     check_str_list,
@@ -89,7 +90,7 @@ class LoraConfig(PeftConfig):
                 raise fail(self, name, getattr(self, name), "True or False")
         check_str_list(self, "target_modules", allow_str=True)
         check_str_list(self, "exclude_modules", allow_str=True)
-        self._check_layers()
+        check_layer_selection(self)
         self._check_patterns()
 
     def _check_init(self) -> None:
@@ -104,25 +105,6 @@ class LoraConfig(PeftConfig):
                 init,
                 "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations) or 'olora'",
             )
-
-    def _check_layers(self) -> None:
-        layers = self.layers_to_transform
-        if layers is not None:
-            values = [layers] if isinstance(layers, int) else layers
-            if not isinstance(values, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
-            ):
-                raise fail(
-                    self, "layers_to_transform", layers, "None, a layer index or a list of layer indices"
-                )
-            if isinstance(self.target_modules, str):
-                raise fail(self, "layers_to_transform", layers, "None when target_modules is a regex string")
-        if self.layers_pattern is not None:
-            check_str_list(self, "layers_pattern", allow_str=True)
-            if layers is None:
-                raise fail(
-                    self, "layers_pattern", self.layers_pattern, "None unless layers_to_transform is set"
-                )
 
     def _check_patterns(self) -> None:
         for key, value in self.rank_pattern.items():
