@@ -144,6 +144,22 @@ def _no_match_message(model: nn.Module, config: Any, targets: Any) -> str:
     return message
 
 
+def fill_default_targets(peft_model: Any, config: Any, defaults: dict[str, list[str]]) -> None:
+    """When ``config.target_modules`` is None, set it from ``defaults`` (PEFT's table for the method) by the
+    base model's ``config.model_type``; an architecture the table lacks is an error asking for names."""
+    if config.target_modules is not None:
+        return
+    model_type = getattr(getattr(peft_model.base_model.model, "config", None), "model_type", None)
+    if model_type not in defaults:
+        spec = plugins.method_for_config(config)
+        package = spec.distribution or f"the {spec.name} plugin"
+        raise TargetModulesError(
+            f"{type(config).__name__}.target_modules is None and {package} has no default for model_type "
+            f"{model_type!r}; name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'])"
+        )
+    config.target_modules = list(defaults[model_type])
+
+
 def inject_into_targets(
     peft_model: Any, config: Any, adapter_name: str, layer_class: type[AdapterLayer]
 ) -> list[str]:

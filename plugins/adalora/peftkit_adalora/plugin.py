@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import torch
-from peftkit import ConfigError, MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
+from peftkit import ConfigError, MethodSpec, hookimpl, inject_into_targets, method_impl
+from peftkit.injection import fill_default_targets
 from peftkit.method import method_of
 from peftkit.serialization import check_shape
 
@@ -70,14 +71,7 @@ def _check_one_trainable(peft_model, config: AdaLoraConfig, adapter_name: str) -
 @method_impl("adalora")
 def peftkit_inject_adapter(peft_model, config: AdaLoraConfig, adapter_name: str) -> bool:
     _check_one_trainable(peft_model, config, adapter_name)
-    if config.target_modules is None:
-        model_type = getattr(getattr(peft_model.base_model.model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise TargetModulesError(
-                f"AdaLoraConfig.target_modules is None and peftkit-adalora has no default for model_type "
-                f"{model_type!r}; name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'])"
-            )
-        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     inject_into_targets(peft_model, config, adapter_name, AdaLoraLayer)
     return True
 

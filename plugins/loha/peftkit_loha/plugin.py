@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peftkit import AdapterLayer, MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
-from peftkit.injection import find_targets
+from peftkit.injection import fill_default_targets, find_targets
 from peftkit.layer_access import LINEAR
 from peftkit.plugins import layer_features
 
@@ -39,14 +39,7 @@ def peftkit_register_methods() -> list[MethodSpec]:
 @method_impl("loha")
 def peftkit_inject_adapter(peft_model, config: LoHaConfig, adapter_name: str) -> bool:
     model = peft_model.base_model.model
-    if config.target_modules is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise TargetModulesError(
-                f"LoHaConfig.target_modules is None and peftkit-loha has no default for model_type "
-                f"{model_type!r}; name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'])"
-            )
-        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     _check_targets(model, config)
     inject_into_targets(peft_model, config, adapter_name, LoHaLayer)
     return True

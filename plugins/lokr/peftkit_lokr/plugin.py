@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from peftkit import MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
+from peftkit import MethodSpec, hookimpl, inject_into_targets, method_impl
+from peftkit.injection import fill_default_targets
 
 from peftkit_lokr.config import LoKrConfig
 from peftkit_lokr.layer import LoKrLayer
@@ -34,14 +35,6 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @method_impl("lokr")
 def peftkit_inject_adapter(peft_model, config: LoKrConfig, adapter_name: str) -> bool:
-    if config.target_modules is None:
-        model_type = getattr(getattr(peft_model.base_model.model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise TargetModulesError(
-                f"LoKrConfig.target_modules is None and peftkit-lokr has no default for model_type "
-                f"{model_type!r}; name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'] "
-                "or 'all-linear')"
-            )
-        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     inject_into_targets(peft_model, config, adapter_name, LoKrLayer)
     return True

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 import torch
-from peftkit import MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
+from peftkit import MethodSpec, hookimpl, inject_into_targets, method_impl
+from peftkit.injection import fill_default_targets
 from peftkit.serialization import check_shape
 
 from peftkit_lora.config import LoraConfig
@@ -44,14 +45,7 @@ def peftkit_model_methods():
 
 @method_impl("lora")
 def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) -> bool:
-    if config.target_modules is None:
-        model_type = getattr(getattr(peft_model.base_model.model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
-            raise TargetModulesError(
-                f"LoraConfig.target_modules is None and peftkit-lora has no default for model_type {model_type!r}; "
-                "name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear')"
-            )
-        config.target_modules = list(DEFAULT_TARGETS[model_type])
+    fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     inject_into_targets(peft_model, config, adapter_name, LoraLayer)
     return True
 
