@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 
 import peft
@@ -48,7 +49,8 @@ def test_the_method_is_registered_with_prompt_tuning_s_capabilities():
         "supports_multiple_active": False,
         "needs_tokenizer": True,
     }
-    assert (spec.distribution, spec.version) == ("peftkit-prompt-tuning", "0.1.0")
+    installed = importlib.metadata.version("peftkit-prompt-tuning")  # as discovery must report it
+    assert (spec.distribution, spec.version) == ("peftkit-prompt-tuning", installed)
     assert peftkit.PromptTuningConfig is PromptTuningConfig
 
 
