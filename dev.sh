@@ -2,8 +2,8 @@
 # peftkit's developer entry point. Needs only python3 (3.10 or newer); everything else it installs.
 #
 #   ./dev.sh quickstart   set up .venv, then fine-tune MiniLM-L6 with LoRA (examples/quickstart.py)
-#   ./dev.sh test         set up .venv, then: ruff; pytest over tests/ and plugins/*/tests; build each
-#                         package's wheel and try peftkit + peftkit-lora alone in a fresh venv; the docs
+#   ./dev.sh test         set up .venv, then: ruff; pytest (tests/, plugins/*/tests, examples/third_party/*/tests);
+#                         build each package's wheel and try peftkit + peftkit-lora alone in a fresh venv; the docs
 #   ./dev.sh setup        only set up .venv
 #
 # .venv is created in the repository and reused: the install is skipped while constraints.txt, the
@@ -51,7 +51,8 @@ find_python() {
 
 plugin_dirs() {
     local pyproject
-    for pyproject in "$ROOT"/plugins/*/pyproject.toml; do
+    # third-party examples install and test like the plugins, as their users' packages would
+    for pyproject in "$ROOT"/plugins/*/pyproject.toml "$ROOT"/examples/third_party/*/pyproject.toml; do
         [[ -f "$pyproject" ]] && dirname "$pyproject"
     done
     return 0
@@ -61,7 +62,8 @@ plugin_dirs() {
 install_stamp() {
     {
         "$VPY" -c 'import sys; print(sys.version)'
-        for file in "$CONSTRAINTS" "$ROOT/pyproject.toml" "$ROOT"/plugins/*/pyproject.toml; do
+        for file in "$CONSTRAINTS" "$ROOT/pyproject.toml" "$ROOT"/plugins/*/pyproject.toml \
+            "$ROOT"/examples/third_party/*/pyproject.toml; do
             [[ -f "$file" ]] && { echo "$file"; cat "$file"; }
         done
         printf '%s\n' "${TEST_DEPS[@]}"
@@ -114,7 +116,7 @@ run_ruff() {
 run_pytest() {
     local paths=() dir status log
     [[ -d "$ROOT/tests" ]] && paths+=("tests")
-    for dir in "$ROOT"/plugins/*/tests; do
+    for dir in "$ROOT"/plugins/*/tests "$ROOT"/examples/third_party/*/tests; do
         [[ -d "$dir" ]] && paths+=("${dir#"$ROOT"/}")
     done
     say "pytest ${paths[*]:-(no test folders)}"

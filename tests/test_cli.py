@@ -383,15 +383,15 @@ def _write_adapter(folder: Path, config: dict, tensors: dict, metadata: dict | N
 
 def test_inspect_unknown_method_names_the_package_to_install(tmp_path):
     folder = _write_adapter(
-        tmp_path / "a", {"peft_type": "VERA", "r": 4}, {"w": torch.zeros(2, 3, dtype=torch.bfloat16)}
+        tmp_path / "a", {"peft_type": "FOURIERFT", "r": 4}, {"w": torch.zeros(2, 3, dtype=torch.bfloat16)}
     )
     result = invoke("inspect", str(folder))
     assert result.exit_code == 0, result.output
-    assert "  method:     VERA (not installed: install peftkit-vera)" in result.stdout
+    assert "  method:     FOURIERFT (not installed: install peftkit-fourierft)" in result.stdout
     assert re.search(r"^    w\s+\(2, 3\)\s+bfloat16\s+6$", result.stdout, re.M)
     assert "  metadata:   none" in result.stdout
     report = json.loads(invoke("inspect", "--json", str(folder)).stdout)
-    assert report["adapters"][0]["install"] == "peftkit-vera"
+    assert report["adapters"][0]["install"] == "peftkit-fourierft"
     assert report["adapters"][0]["method"] is None
 
 

@@ -378,6 +378,9 @@ def make_cli() -> PeftkitGroup:
 
     for command in (methods_command, inspect_command):
         cli.add_command(command)
+    from peftkit.scaffold import new_method_command  # imported here: `peftkit --help` stays light
+
+    cli.add_command(new_method_command)
     cli.builtin_commands = frozenset(cli.commands)
     return cli
 
