@@ -208,3 +208,14 @@ def test_a_method_that_cannot_merge_says_so():
             match=r"adapter 'default' is a nomerge adapter, and nomerge cannot be merged",
         ):
             model.merge_and_unload()
+
+
+def test_a_saved_adapter_folder_gets_the_usual_permissions_not_the_private_temp_ones(tmp_path):
+    import os
+    import stat
+
+    saved_adapter(tmp_path / "adapter")
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = stat.S_IMODE((tmp_path / "adapter").stat().st_mode)
+    assert mode == 0o777 & ~mask

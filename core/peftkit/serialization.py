@@ -148,6 +148,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the saved folder gets the usual mode
     try:
         yield staging
     except BaseException:
@@ -171,6 +172,12 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         os.replace(backup, target)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
