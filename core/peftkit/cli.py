@@ -378,6 +378,10 @@ def make_cli() -> PeftkitGroup:
 
     for command in (methods_command, inspect_command):
         cli.add_command(command)
+    from peftkit.model_commands import COMMANDS as MODEL_COMMANDS  # targets, plan, merge
+
+    for command in MODEL_COMMANDS:
+        cli.add_command(command)
     from peftkit.scaffold import new_method_command  # imported here: `peftkit --help` stays light
 
     cli.add_command(new_method_command)

@@ -1,0 +1,189 @@
+"""Merging an adapter folder into its base model folder, written as a plain transformers model folder.
+
+``peftkit merge BASE ADAPTER OUT`` calls :func:`merge_to_folder`: load the base (offline), load the adapter
+onto it, ``merge_and_unload()``, and save the result with safetensors, plus the base's tokenizer files.
+OUT appears whole or not at all: it is written to a temporary folder beside it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from peftkit import plugins
+from peftkit.errors import MergeNotSupportedError, PeftkitError
+
+# files of a tokenizer (and its chat template) that a model folder may hold beside the weights
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class MergeTargetError(PeftkitError, ValueError):
+    """An OUT folder that exists (without --overwrite), or is a file."""
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MergeTargetError(f"output {str(out)!r} is a file, not a folder")
+    if out.exists() and not overwrite:
+        raise MergeTargetError(f"output folder {str(out)!r} already exists; pass --overwrite to replace it")
+
+
+def is_quantized(model: Any) -> bool:
+    """A base loaded with quantized weights (bitsandbytes and the like)."""
+    return bool(getattr(model, "is_quantized", False)) or (
+        getattr(getattr(model, "config", None), "quantization_config", None) is not None
+    )
+
+
+def merge_kwargs(peft_model: Any, quantized: bool, dtype: str | None = None) -> dict[str, Any]:
+    """``dequantize=True`` (and the dtype asked for) for a quantized base, when ``merge_and_unload`` can."""
+    if not quantized:
+        return {}
+    parameters = inspect.signature(peft_model.merge_and_unload).parameters
+    if "dequantize" not in parameters:
+        raise MergeNotSupportedError(
+            "the base model is quantized, and this peftkit's merge_and_unload cannot dequantize; "
+            "merge into a full-precision base instead"
+        )
+    kwargs: dict[str, Any] = {"dequantize": True}
+    if dtype and "dtype" in parameters:
+        import torch
+
+        kwargs["dtype"] = getattr(torch, TORCH_DTYPES[dtype])
+    return kwargs
+
+
+def load_base(base: Path, dtype: str | None) -> Any:
+    """The base model from its folder, offline, at ``dtype`` (fp32/fp16/bf16) or as saved."""
+    from peftkit.planning import model_class, read_model_config
+
+    config = read_model_config(base)
+    cls = model_class(config)
+    torch_dtype = TORCH_DTYPES[dtype] if dtype else "auto"
+    return cls.from_pretrained(str(base), local_files_only=True, dtype=torch_dtype)
+
+
+@contextlib.contextmanager
+def transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """Let transformers draw its own progress bars (loading, writing shards) only when ours are shown."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was_enabled else logging.disable_progress_bar)()
+
+
+def _give_default_mode(folder: Path) -> None:
+    """A temporary folder is private (0700); the model folder it becomes gets the usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def copy_tokenizer_files(base: Path, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copy2(base / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def replace_folder(staging: Path, out: Path) -> None:
+    """Put ``staging`` at ``out``; an old ``out`` is set aside first and removed only once the new one is in."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    backup = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+    os.replace(out, backup)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(backup, out)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def merge_to_folder(
+    base: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progressbar: bool = False,
+    status: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Merge ``adapter`` into ``base`` and write the merged model to ``out``; return what was done."""
+    from peftkit.config import read_config_dict
+    from peftkit.model import PeftModel, load_config
+    from peftkit.planning import config_path
+
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    check_out(out, overwrite)
+    config_path(base)  # a clear error for a missing base folder before anything is loaded
+    read_config_dict(adapter)
+    peft_config = load_config(adapter)
+    spec = plugins.method_for_config(peft_config)
+    if not spec.mergeable:
+        raise MergeNotSupportedError(f"method {spec.name!r} cannot merge its adapters into the base weights")
+
+    with transformers_progress_bars(progressbar):
+        status(f"Loading base model from {base}")
+        model = load_base(base, dtype)
+        quantized = is_quantized(model)
+        status(f"Loading adapter from {adapter} ({spec.peft_type})")
+        peft_model = PeftModel.from_pretrained(model, adapter)
+        kwargs = merge_kwargs(peft_model, quantized, dtype)
+        status("Merging")
+        # with dequantize=True the core also drops the model's quantization config, so OUT saves plain
+        merged = peft_model.merge_and_unload(progressbar=progressbar, **kwargs)
+
+        status(f"Writing {out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+        try:
+            merged.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer_files = copy_tokenizer_files(base, staging)
+            files = sorted(path.name for path in staging.iterdir())
+            _give_default_mode(staging)
+            replace_folder(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return {
+        "base": str(base),
+        "adapter": str(adapter),
+        "out": str(out),
+        "method": spec.name,
+        "peft_type": spec.peft_type,
+        "model_class": type(merged).__name__,
+        "dtype": str(next(merged.parameters()).dtype).removeprefix("torch."),
+        "dequantized": quantized,
+        "files": files,
+        "tokenizer_files": tokenizer_files,
+        "bytes": sum((out / name).stat().st_size for name in files if (out / name).is_file()),
+    }
