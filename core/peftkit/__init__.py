@@ -23,6 +23,7 @@ _EXPORTS = {
     "AdapterLayer": "peftkit.adapter_layer",
     "LayerFeatures": "peftkit.layer_access",
     "inject_into_targets": "peftkit.injection",
+    "prepare_model_for_kbit_training": "peftkit.kbit",
     "PeftkitError": "peftkit.errors",
     "ConfigError": "peftkit.errors",
     "TargetModulesError": "peftkit.errors",

@@ -257,6 +257,20 @@ def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
     """
 
 
+@hookspec(firstresult=True)
+def peftkit_dense_layer(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module | None:
+    """Give a full-precision replacement for a quantized base layer (``merge_and_unload(dequantize=True)``).
+
+    firstresult: the backend that knows the layer type answers. The replacement computes what the layer
+    computes, from its dequantized weight and its bias: an ``nn.Linear`` for a quantized linear layer.
+    The core replaces the layer before merging, so adapters merge into the dense weight exactly.
+
+    :param layer: a base layer of the model (never a peftkit adapter layer).
+    :param dtype: the replacement's dtype; None for the layer's compute dtype.
+    :return: the replacement module; None for a layer that is not quantized or not this plugin's type.
+    """
+
+
 # --- model methods ---------------------------------------------------------------------------------
 @hookspec
 def peftkit_model_methods() -> dict[str, Callable[..., Any]] | None:

@@ -370,9 +370,24 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> nn.Module:
-        """Fold the adapters in and give back the plain base model, with no peftkit module left in it."""
+        """Fold the adapters in and give back the plain base model, with no peftkit module left in it.
+
+        A quantized base layer (a backend plugin's, such as bitsandbytes') is requantized after merging,
+        which adds rounding error. With ``dequantize=True`` every quantized layer is first replaced by a
+        full-precision one (``nn.Linear``, in ``dtype``, by default the layer's compute dtype), and the
+        adapters merge into it exactly.
+        """
+        if dequantize:
+            from peftkit.kbit import dequantize_base_layers
+
+            dequantize_base_layers(self.base_model.model, dtype)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unload(progressbar)
 

@@ -314,6 +314,11 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
         raise TypeError(f"no installed plugin can write the weight of a {type(layer).__name__} layer")
 
 
+def dense_layer(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module | None:
+    """A backend's full-precision replacement for a quantized layer; None where the layer is not quantized."""
+    return _hook().peftkit_dense_layer(layer=layer, dtype=dtype)
+
+
 def model_method(name: str) -> Any | None:
     """The function a plugin added to PeftModel under ``name`` (``peftkit_model_methods``), or None."""
     found: dict[str, tuple[str, Any]] = {}
