@@ -51,6 +51,7 @@ class PluginHost:
         self.origins: dict[str, PluginOrigin] = {}
         self.broken: list[PluginOrigin] = []
         self._methods: dict[str, MethodSpec] | None = None
+        self._model_methods: dict[str, Any] | None = None
         self._owners: dict[str, str] = {}
         from peftkit.builtin import torch_layers
 
@@ -65,14 +66,14 @@ class PluginHost:
         registered = self.pm.register(plugin, name=name)
         if origin is not None:
             self.origins[registered] = origin
-        self._methods = None
+        self._methods = self._model_methods = None
         return registered
 
     def unregister(self, plugin: object) -> None:
         name = self.pm.get_name(plugin)
         self.pm.unregister(plugin)
         self.origins.pop(name, None)
-        self._methods = None
+        self._methods = self._model_methods = None
 
     @property
     def methods(self) -> dict[str, MethodSpec]:
@@ -106,6 +107,25 @@ class PluginHost:
                 plugin_names[spec.name] = impl.plugin_name
         self._owners = plugin_names
         return methods
+
+    @property
+    def model_methods(self) -> dict[str, Any]:
+        """The methods plugins add to PeftModel (``peftkit_model_methods``), collected once per registration."""
+        if self._model_methods is None:
+            self._model_methods = self._collect_model_methods()
+        return self._model_methods
+
+    def _collect_model_methods(self) -> dict[str, Any]:
+        found: dict[str, tuple[str, Any]] = {}
+        for impl in self.pm.hook.peftkit_model_methods.get_hookimpls():
+            for method_name, function in (impl.function() or {}).items():
+                if method_name in found:
+                    raise PluginConflictError(
+                        f"plugins {found[method_name][0]!r} and {impl.plugin_name!r} both add the PeftModel "
+                        f"method {method_name!r}; uninstall one, or block one with PEFTKIT_BLOCK_PLUGINS"
+                    )
+                found[method_name] = (impl.plugin_name, function)
+        return {method_name: function for method_name, (_, function) in found.items()}
 
     def plugin_of(self, method_name: str) -> str:
         """The registered name of the plugin providing a method: a key of ``origins``, a name for ``hooks_of``."""
@@ -321,16 +341,7 @@ def dense_layer(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 
 def model_method(name: str) -> Any | None:
     """The function a plugin added to PeftModel under ``name`` (``peftkit_model_methods``), or None."""
-    found: dict[str, tuple[str, Any]] = {}
-    for impl in host().pm.hook.peftkit_model_methods.get_hookimpls():
-        for method_name, function in (impl.function() or {}).items():
-            if method_name in found:
-                raise PluginConflictError(
-                    f"plugins {found[method_name][0]!r} and {impl.plugin_name!r} both add the PeftModel method "
-                    f"{method_name!r}; uninstall one, or block one with PEFTKIT_BLOCK_PLUGINS"
-                )
-            found[method_name] = (impl.plugin_name, function)
-    return found[name][1] if name in found else None
+    return host().model_methods.get(name)
 
 
 def register_commands(cli: click.Group) -> None:
