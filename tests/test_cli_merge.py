@@ -134,33 +134,14 @@ def test_overwrite_replaces_the_folder_and_converts_dtype(merged, folders):
 
 
 # --- quantized bases ---------------------------------------------------------------------------------
-class _Merger:
-    def __init__(self, accepts_dequantize: bool) -> None:
-        if accepts_dequantize:
-            self.merge_and_unload = lambda progressbar=False, dequantize=False: None
-        else:
-            self.merge_and_unload = lambda progressbar=False: None
-
-
 def test_quantized_base_is_merged_with_dequantize():
-    assert merge_kwargs(_Merger(accepts_dequantize=True), quantized=True) == {"dequantize": True}
-    assert merge_kwargs(_Merger(accepts_dequantize=True), quantized=False) == {}
+    assert merge_kwargs(quantized=True) == {"dequantize": True}
+    assert merge_kwargs(quantized=False) == {}
 
 
 def test_the_cores_merge_and_unload_dequantizes_into_the_dtype_asked_for():
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
-    assert merge_kwargs(peft_model, quantized=True, dtype="bf16") == {
-        "dequantize": True,
-        "dtype": torch.bfloat16,
-    }
-    assert merge_kwargs(peft_model, quantized=True) == {"dequantize": True}
-
-
-def test_quantized_base_without_dequantize_support_is_an_error():
-    from peftkit.errors import MergeNotSupportedError
-
-    with pytest.raises(MergeNotSupportedError, match="the base model is quantized, and this peftkit's"):
-        merge_kwargs(_Merger(accepts_dequantize=False), quantized=True)
+    assert merge_kwargs(quantized=True, dtype="bf16") == {"dequantize": True, "dtype": torch.bfloat16}
+    assert merge_kwargs(quantized=True) == {"dequantize": True}
 
 
 def test_is_quantized():

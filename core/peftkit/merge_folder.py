@@ -2,22 +2,20 @@
 
 ``peftkit merge BASE ADAPTER OUT`` calls :func:`merge_to_folder`: load the base (offline), load the adapter
 onto it, ``merge_and_unload()``, and save the result with safetensors, plus the base's tokenizer files.
-OUT appears whole or not at all: it is written to a temporary folder beside it and renamed into place.
+OUT appears whole or not at all: it is written with :func:`peftkit.serialization.atomic_folder`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from peftkit import plugins
 from peftkit.errors import MergeNotSupportedError, PeftkitError
+from peftkit.serialization import atomic_folder
 
 # files of a tokenizer (and its chat template) that a model folder may hold beside the weights
 TOKENIZER_FILES = (
@@ -56,18 +54,12 @@ def is_quantized(model: Any) -> bool:
     )
 
 
-def merge_kwargs(peft_model: Any, quantized: bool, dtype: str | None = None) -> dict[str, Any]:
-    """``dequantize=True`` (and the dtype asked for) for a quantized base, when ``merge_and_unload`` can."""
+def merge_kwargs(quantized: bool, dtype: str | None = None) -> dict[str, Any]:
+    """``dequantize=True`` (and the dtype asked for) for a quantized base: it merges into full precision."""
     if not quantized:
         return {}
-    parameters = inspect.signature(peft_model.merge_and_unload).parameters
-    if "dequantize" not in parameters:
-        raise MergeNotSupportedError(
-            "the base model is quantized, and this peftkit's merge_and_unload cannot dequantize; "
-            "merge into a full-precision base instead"
-        )
     kwargs: dict[str, Any] = {"dequantize": True}
-    if dtype and "dtype" in parameters:
+    if dtype:
         import torch
 
         kwargs["dtype"] = getattr(torch, TORCH_DTYPES[dtype])
@@ -97,13 +89,6 @@ def transformers_progress_bars(enabled: bool) -> Iterator[None]:
         (logging.enable_progress_bar if was_enabled else logging.disable_progress_bar)()
 
 
-def _give_default_mode(folder: Path) -> None:
-    """A temporary folder is private (0700); the model folder it becomes gets the usual mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
 def copy_tokenizer_files(base: Path, out: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -111,21 +96,6 @@ def copy_tokenizer_files(base: Path, out: Path) -> list[str]:
             shutil.copy2(base / name, out / name)
             copied.append(name)
     return copied
-
-
-def replace_folder(staging: Path, out: Path) -> None:
-    """Put ``staging`` at ``out``; an old ``out`` is set aside first and removed only once the new one is in."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    backup = out.with_name(f".{out.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-    os.replace(out, backup)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(backup, out)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def merge_to_folder(
@@ -157,23 +127,16 @@ def merge_to_folder(
         quantized = is_quantized(model)
         status(f"Loading adapter from {adapter} ({spec.peft_type})")
         peft_model = PeftModel.from_pretrained(model, adapter)
-        kwargs = merge_kwargs(peft_model, quantized, dtype)
+        kwargs = merge_kwargs(quantized, dtype)
         status("Merging")
         # with dequantize=True the core also drops the model's quantization config, so OUT saves plain
         merged = peft_model.merge_and_unload(progressbar=progressbar, **kwargs)
 
         status(f"Writing {out}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
-        try:
+        with atomic_folder(out, keep_old_entries=False) as staging:
             merged.save_pretrained(str(staging), safe_serialization=True)
             tokenizer_files = copy_tokenizer_files(base, staging)
             files = sorted(path.name for path in staging.iterdir())
-            _give_default_mode(staging)
-            replace_folder(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     return {
         "base": str(base),
         "adapter": str(adapter),

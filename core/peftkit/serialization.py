@@ -139,11 +139,12 @@ def write_tensors(directory: str | Path, tensors: dict[str, torch.Tensor], metad
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | Path) -> Iterator[Path]:
+def atomic_folder(target: str | Path, keep_old_entries: bool = True) -> Iterator[Path]:
     """Build a folder's new content in a temporary folder beside it, then swap it into place.
 
-    If anything fails before the swap, the target is untouched. Entries of the old folder that the new
-    content does not replace (other adapters' sub-folders, a README) are carried over.
+    If anything fails before the swap, the target is untouched. With ``keep_old_entries``, entries of the
+    old folder that the new content does not replace (other adapters' sub-folders, a README) are carried
+    over; without, the new content replaces the old folder whole.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     if not target.is_dir():
         shutil.rmtree(staging, ignore_errors=True)
         raise NotADirectoryError(f"cannot save an adapter to {str(target)!r}: it is a file, not a folder")
-    for entry in target.iterdir():
+    for entry in target.iterdir() if keep_old_entries else ():
         if not (staging / entry.name).exists():
             # keep what the old folder had beside the adapter (hard links: no copying, old folder intact)
             _link_or_copy(entry, staging / entry.name)
