@@ -68,8 +68,8 @@ def peftkit_inject_adapter(peft_model: PeftModel, config: PeftConfig, adapter_na
 def peftkit_remove_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool | None:
     """Take the adapter's non-layer state off the model (``delete_adapter``).
 
-    firstresult. The core already removes the adapter from every :class:`peftkit.AdapterLayer`;
-    implement this only for state kept elsewhere (a prompt module).
+    firstresult. The core already removes the adapter from every :class:`peftkit.AdapterLayer` and its
+    module from ``peft_model.prompt_modules``; implement this only for state kept elsewhere.
 
     :return: True when done; None when there was nothing of this method to remove.
     """
@@ -144,7 +144,8 @@ def peftkit_trainable_parameters(
 
     All answers are gathered. The core already makes trainable the adapter's tensors in every
     :class:`peftkit.AdapterLayer` and its ``modules_to_save`` copies, and freezes everything else.
-    LoRA answers its ``bias`` choice here; prompt methods their prompt module.
+    LoRA answers its ``bias`` choice here. A prompt module in ``peft_model.prompt_modules`` trains
+    whole without this hook.
 
     :return: ``(name, parameter)`` pairs; None when the method trains nothing more.
     """

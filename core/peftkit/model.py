@@ -49,7 +49,8 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = AdaptedModel(model, on_optimizer_step=self.update_and_allocate)
-        self.prompt_modules = nn.ModuleDict()  # prompt methods keep their per-adapter modules here
+        # prompt methods keep their per-adapter modules here; like layer tensors they train, and go, with it
+        self.prompt_modules = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
@@ -173,6 +174,8 @@ class PeftModel(nn.Module):
             if layer.holds(adapter_name):
                 layer.delete_adapter(adapter_name)
         plugins.remove_adapter(self, config, adapter_name)
+        if adapter_name in self.prompt_modules:
+            del self.prompt_modules[adapter_name]
         del self.peft_config[adapter_name]
 
     @contextlib.contextmanager
@@ -202,6 +205,8 @@ class PeftModel(nn.Module):
             for _, layer in self.adapter_layers():
                 for _, param in layer.adapter_parameters(name):
                     param.requires_grad_(True)
+            if name in self.prompt_modules:
+                self.prompt_modules[name].requires_grad_(True)
             for _, param in plugins.trainable_parameters(self, config, name):
                 param.requires_grad_(True)
 

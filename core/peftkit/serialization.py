@@ -90,6 +90,20 @@ def _load_base_weights(peft_model: PeftModel, key_root: str, state: dict[str, to
     return taken
 
 
+def saved_tensor(state_dict: dict[str, torch.Tensor], key: str, method: str) -> torch.Tensor:
+    """The saved tensor ``key`` that every adapter of ``method`` holds; a clear error when it is missing."""
+    if key not in state_dict:
+        raise AdapterLoadError(f"the adapter file has no tensor {key!r}, which every {method} adapter holds")
+    return state_dict[key]
+
+
+def copy_checked(key: str, saved: torch.Tensor, target: torch.Tensor) -> None:
+    """Copy a saved tensor into the model's, after checking the shapes agree."""
+    check_shape(key, saved, target)
+    with torch.no_grad():
+        target.copy_(saved)
+
+
 def check_shape(key: str, saved: torch.Tensor, target: torch.Tensor) -> None:
     if tuple(saved.shape) != tuple(target.shape):
         raise AdapterLoadError(

@@ -213,12 +213,15 @@ class Example:
 
 # --- what the properties inspect -----------------------------------------------------------------
 def adapter_parameters(peft_model: PeftModel, adapter_name: str) -> dict[int, tuple[str, nn.Parameter]]:
-    """The adapter's parameters by id: its tensors in every adapter layer, and what its method declares
-    as trainable beyond them (``peftkit_trainable_parameters``: biases, prompt embeddings, ...)."""
+    """The adapter's parameters by id: its tensors in every adapter layer, its prompt module's, and what
+    its method declares as trainable beyond them (``peftkit_trainable_parameters``: biases, ...)."""
     out: dict[int, tuple[str, nn.Parameter]] = {}
     for path, layer in peft_model.adapter_layers():
         for local, param in layer.adapter_parameters(adapter_name):
             out.setdefault(id(param), (f"{path}.{local}", param))
+    if adapter_name in peft_model.prompt_modules:
+        for local, param in peft_model.prompt_modules[adapter_name].named_parameters():
+            out.setdefault(id(param), (f"prompt_modules.{adapter_name}.{local}", param))
     config = peft_model.peft_config[adapter_name]
     for name, param in plugins.trainable_parameters(peft_model, config, adapter_name):
         out.setdefault(id(param), (name, param))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-from peftkit import AdapterLoadError, ConfigError, MethodSpec, hookimpl, method_impl
-from peftkit.serialization import check_shape
+from peftkit import ConfigError, MethodSpec, hookimpl, method_impl
+from peftkit.serialization import copy_checked, saved_tensor
 from peftkit_prompt_tuning import virtual_tokens
 from peftkit_prompt_tuning.embedding import fill_model_shape, find_word_embeddings
 
@@ -60,20 +60,6 @@ def peftkit_inject_adapter(peft_model, config: PromptEncoderConfig, adapter_name
 
 
 @method_impl(METHOD)
-def peftkit_remove_adapter(peft_model, config: PromptEncoderConfig, adapter_name: str) -> bool | None:
-    if adapter_name not in peft_model.prompt_modules:
-        return None
-    del peft_model.prompt_modules[adapter_name]
-    return True
-
-
-@method_impl(METHOD)
-def peftkit_trainable_parameters(peft_model, config: PromptEncoderConfig, adapter_name: str):
-    module = peft_model.prompt_modules[adapter_name]
-    return [(f"prompt_modules.{adapter_name}.{name}", param) for name, param in module.named_parameters()]
-
-
-@method_impl(METHOD)
 def peftkit_adapter_state_dict(peft_model, config: PromptEncoderConfig, adapter_name: str):
     with torch.no_grad():
         return {STATE_KEY: peft_model.prompt_modules[adapter_name].virtual_tokens()}
@@ -81,10 +67,7 @@ def peftkit_adapter_state_dict(peft_model, config: PromptEncoderConfig, adapter_
 
 @method_impl(METHOD)
 def peftkit_load_adapter_state_dict(peft_model, config: PromptEncoderConfig, adapter_name: str, state_dict):
-    if STATE_KEY not in state_dict:
-        raise AdapterLoadError(
-            f"the adapter file has no tensor {STATE_KEY!r}, which every P-tuning adapter holds"
-        )
+    saved = saved_tensor(state_dict, STATE_KEY, "P-tuning")
     module = peft_model.prompt_modules[adapter_name]
     if module.mlp_head is not None:
         # Loading to train on (is_trainable=True): the file holds the encoder's output, not the encoder,
@@ -100,9 +83,7 @@ def peftkit_load_adapter_state_dict(peft_model, config: PromptEncoderConfig, ada
             stacklevel=2,
         )
     weight = module.embedding.weight
-    check_shape(STATE_KEY, state_dict[STATE_KEY], weight)
-    with torch.no_grad():
-        weight.copy_(state_dict[STATE_KEY])
+    copy_checked(STATE_KEY, saved, weight)
     return [STATE_KEY]
 
 

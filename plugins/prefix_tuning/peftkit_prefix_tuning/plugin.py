@@ -23,9 +23,9 @@ import warnings
 from typing import Any
 
 import torch
-from peftkit import AdapterLoadError, ConfigError, MethodSpec, hookimpl, method_impl
+from peftkit import ConfigError, MethodSpec, hookimpl, method_impl
 from peftkit.config import TaskType
-from peftkit.serialization import check_shape
+from peftkit.serialization import copy_checked, saved_tensor
 from torch import nn
 
 from peftkit_prefix_tuning.config import PrefixTuningConfig
@@ -92,20 +92,6 @@ def peftkit_inject_adapter(peft_model, config: PrefixTuningConfig, adapter_name:
 
 
 @method_impl(METHOD)
-def peftkit_remove_adapter(peft_model, config: PrefixTuningConfig, adapter_name: str) -> bool | None:
-    if adapter_name not in peft_model.prompt_modules:
-        return None
-    del peft_model.prompt_modules[adapter_name]
-    return True
-
-
-@method_impl(METHOD)
-def peftkit_trainable_parameters(peft_model, config: PrefixTuningConfig, adapter_name: str):
-    module = peft_model.prompt_modules[adapter_name]
-    return [(f"prompt_modules.{adapter_name}.{name}", param) for name, param in module.named_parameters()]
-
-
-@method_impl(METHOD)
 def peftkit_adapter_state_dict(peft_model, config: PrefixTuningConfig, adapter_name: str):
     with torch.no_grad():
         return {STATE_KEY: peft_model.prompt_modules[adapter_name]()}
@@ -113,10 +99,7 @@ def peftkit_adapter_state_dict(peft_model, config: PrefixTuningConfig, adapter_n
 
 @method_impl(METHOD)
 def peftkit_load_adapter_state_dict(peft_model, config: PrefixTuningConfig, adapter_name: str, state_dict):
-    if STATE_KEY not in state_dict:
-        raise AdapterLoadError(
-            f"the adapter file has no tensor {STATE_KEY!r}, which every prefix tuning adapter holds"
-        )
+    saved = saved_tensor(state_dict, STATE_KEY, "prefix tuning")
     module = peft_model.prompt_modules[adapter_name]
     if module.transform is not None:
         # Loading to train on (is_trainable=True) with prefix_projection: the file holds the prefix, not
@@ -132,9 +115,7 @@ def peftkit_load_adapter_state_dict(peft_model, config: PrefixTuningConfig, adap
             stacklevel=2,
         )
     weight = module.embedding.weight
-    check_shape(STATE_KEY, state_dict[STATE_KEY], weight)
-    with torch.no_grad():
-        weight.copy_(state_dict[STATE_KEY])
+    copy_checked(STATE_KEY, saved, weight)
     return [STATE_KEY]
 
 

@@ -5,9 +5,8 @@ How the inputs are rewritten, task by task, as PEFT 0.21 does it: :mod:`peftkit_
 
 from __future__ import annotations
 
-import torch
-from peftkit import AdapterLoadError, MethodSpec, hookimpl, method_impl
-from peftkit.serialization import check_shape
+from peftkit import MethodSpec, hookimpl, method_impl
+from peftkit.serialization import copy_checked, saved_tensor
 
 from peftkit_prompt_tuning import virtual_tokens
 from peftkit_prompt_tuning.config import PromptTuningConfig
@@ -45,34 +44,15 @@ def peftkit_inject_adapter(peft_model, config: PromptTuningConfig, adapter_name:
 
 
 @method_impl(METHOD)
-def peftkit_remove_adapter(peft_model, config: PromptTuningConfig, adapter_name: str) -> bool | None:
-    if adapter_name not in peft_model.prompt_modules:
-        return None
-    del peft_model.prompt_modules[adapter_name]
-    return True
-
-
-@method_impl(METHOD)
-def peftkit_trainable_parameters(peft_model, config: PromptTuningConfig, adapter_name: str):
-    module = peft_model.prompt_modules[adapter_name]
-    return [(f"prompt_modules.{adapter_name}.embedding.weight", module.embedding.weight)]
-
-
-@method_impl(METHOD)
 def peftkit_adapter_state_dict(peft_model, config: PromptTuningConfig, adapter_name: str):
     return {STATE_KEY: peft_model.prompt_modules[adapter_name].embedding.weight}
 
 
 @method_impl(METHOD)
 def peftkit_load_adapter_state_dict(peft_model, config: PromptTuningConfig, adapter_name: str, state_dict):
-    if STATE_KEY not in state_dict:
-        raise AdapterLoadError(
-            f"the adapter file has no tensor {STATE_KEY!r}, which every prompt tuning adapter holds"
-        )
+    saved = saved_tensor(state_dict, STATE_KEY, "prompt tuning")
     weight = peft_model.prompt_modules[adapter_name].embedding.weight
-    check_shape(STATE_KEY, state_dict[STATE_KEY], weight)
-    with torch.no_grad():
-        weight.copy_(state_dict[STATE_KEY])
+    copy_checked(STATE_KEY, saved, weight)
     return [STATE_KEY]
 
 
