@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
-from peftkit import ConfigError, MethodSpec, hookimpl, inject_into_targets, method_impl
+from peftkit import ConfigError, MethodSpec, biases, hookimpl, inject_into_targets, method_impl
 from peftkit.injection import fill_default_targets
 from peftkit.method import method_of
-from peftkit.serialization import check_shape
 
 from peftkit_adalora import allocation
 from peftkit_adalora.config import AdaLoraConfig
@@ -107,57 +104,18 @@ def peftkit_transform_outputs(peft_model, config: AdaLoraConfig, adapter_name: s
 
 
 # --- biases (PEFT's ``bias`` field, as for LoRA) ------------------------------------------------------------
-def _trained_biases(peft_model, config: AdaLoraConfig, adapter_name: str) -> dict[str, torch.nn.Parameter]:
-    """The biases that train: none, all of the model's, or those of the layers this adapter adapts."""
-    if config.bias == "none":
-        return {}
-    model = peft_model.base_model.model
-    owned = {
-        id(p)
-        for _, layer in peft_model.adapter_layers()
-        for name in peft_model.peft_config
-        for _, p in layer.adapter_parameters(name)
-    }
-    biases = {
-        name: p
-        for name, p in model.named_parameters()
-        if name.endswith("bias") and ".lora_" not in name and id(p) not in owned
-    }
-    if config.bias == "lora_only":
-        wrapped = [path + ".base_layer." for path, _ in _layers(peft_model, adapter_name)]
-        biases = {name: p for name, p in biases.items() if any(name.startswith(prefix) for prefix in wrapped)}
-    return biases
-
-
-def _unwrapped(name: str) -> str:
-    """A parameter name without ``.base_layer``: the same whichever adapters wrap the layer."""
-    return re.sub(r"\.base_layer(?=\.)", "", name)
 
 
 @method_impl("adalora")
 def peftkit_trainable_parameters(peft_model, config: AdaLoraConfig, adapter_name: str):
-    return list(_trained_biases(peft_model, config, adapter_name).items())
+    return list(biases.trained_biases(peft_model, config, adapter_name, AdaLoraLayer).items())
 
 
 @method_impl("adalora")
 def peftkit_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str):
-    return {
-        f"base_model.model.{name}": p for name, p in _trained_biases(peft_model, config, adapter_name).items()
-    }
+    return biases.bias_state_dict(peft_model, config, adapter_name, AdaLoraLayer)
 
 
 @method_impl("adalora")
 def peftkit_load_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str, state_dict):
-    biases = {
-        _unwrapped(name): param for name, param in _trained_biases(peft_model, config, adapter_name).items()
-    }
-    taken = []
-    for key, value in state_dict.items():
-        name = _unwrapped(key.removeprefix("base_model.model."))
-        if name not in biases:
-            continue
-        check_shape(key, value, biases[name])
-        with torch.no_grad():
-            biases[name].copy_(value)
-        taken.append(key)
-    return taken
+    return biases.load_biases(peft_model, config, adapter_name, AdaLoraLayer, state_dict)

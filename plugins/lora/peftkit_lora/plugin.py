@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
-import torch
-from peftkit import MethodSpec, hookimpl, inject_into_targets, method_impl
+from peftkit import MethodSpec, biases, hookimpl, inject_into_targets, method_impl
 from peftkit.injection import fill_default_targets
-from peftkit.serialization import check_shape
 
 from peftkit_lora.config import LoraConfig
 from peftkit_lora.layer import LoraLayer
@@ -50,63 +46,16 @@ def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) ->
     return True
 
 
-def _trained_biases(peft_model, config: LoraConfig, adapter_name: str) -> dict[str, torch.nn.Parameter]:
-    """The biases LoRA trains: none, all of the model's, or those of the layers this adapter adapts."""
-    if config.bias == "none":
-        return {}
-    model = peft_model.base_model.model
-    # adapter tensors (another adapter's trained copy of a modules_to_save head) belong to their adapter
-    owned = {
-        id(p)
-        for _, layer in peft_model.adapter_layers()
-        for name in peft_model.peft_config
-        for _, p in layer.adapter_parameters(name)
-    }
-    biases = {
-        name: p
-        for name, p in model.named_parameters()
-        if name.endswith("bias") and ".lora_" not in name and id(p) not in owned
-    }
-    if config.bias == "lora_only":
-        wrapped = [
-            path + ".base_layer."
-            for path, module in model.named_modules()
-            if isinstance(module, LoraLayer) and module.holds(adapter_name)
-        ]
-        biases = {name: p for name, p in biases.items() if any(name.startswith(prefix) for prefix in wrapped)}
-    return biases
-
-
 @method_impl("lora")
 def peftkit_trainable_parameters(peft_model, config: LoraConfig, adapter_name: str):
-    return list(_trained_biases(peft_model, config, adapter_name).items())
+    return list(biases.trained_biases(peft_model, config, adapter_name, LoraLayer).items())
 
 
 @method_impl("lora")
 def peftkit_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str):
-    return {
-        f"base_model.model.{name}": p for name, p in _trained_biases(peft_model, config, adapter_name).items()
-    }
-
-
-def _unwrapped(name: str) -> str:
-    """A parameter name without adapter layers' ``.base_layer``: the same whichever adapters wrap the layer."""
-    return re.sub(r"\.base_layer(?=\.)", "", name)
+    return biases.bias_state_dict(peft_model, config, adapter_name, LoraLayer)
 
 
 @method_impl("lora")
 def peftkit_load_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str, state_dict):
-    # a bias is saved under its name at save time, which has ".base_layer" when any adapter wrapped its layer
-    biases = {
-        _unwrapped(name): param for name, param in _trained_biases(peft_model, config, adapter_name).items()
-    }
-    taken = []
-    for key, value in state_dict.items():
-        name = _unwrapped(key.removeprefix("base_model.model."))
-        if name not in biases:
-            continue
-        check_shape(key, value, biases[name])
-        with torch.no_grad():
-            biases[name].copy_(value)
-        taken.append(key)
-    return taken
+    return biases.load_biases(peft_model, config, adapter_name, LoraLayer, state_dict)
