@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -52,11 +53,13 @@ def runs(tmp_path_factory):
     }
     if _has_accelerate():
         commands["accelerate"] = accelerate_launch("--accelerate", "--output", str(folder / "accelerate"))
-    processes = {
-        name: subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-        for name, command in commands.items()
-    }
+    # each launch is its own process group with its output in a file: on a timeout the whole group
+    # (launcher and workers) is killed, and no worker can keep a pipe open that the test waits on
+    processes = {}
+    for name, command in commands.items():
+        with open(folder / f"{name}.log", "w") as log:
+            processes[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # the reference: one process, the whole global batch, same seed and data
         argv = sys.argv
@@ -70,9 +73,15 @@ def runs(tmp_path_factory):
         yield folder, processes
     finally:
         for process in processes.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            kill_group(process)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group has already exited
+        pass
+    process.wait()
 
 
 def _has_accelerate() -> bool:
@@ -86,15 +95,19 @@ def _has_accelerate() -> bool:
 def finished(runs, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     folder, processes = runs
     try:
-        output, _ = processes[name].communicate(timeout=TIMEOUT_S)
+        processes[name].wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        processes[name].kill()
-        output, _ = processes[name].communicate()
-        pytest.fail(f"the {name} launch did not finish in {TIMEOUT_S} s:\n{output[-4000:]}")
-    assert processes[name].returncode == 0, output[-4000:]
-    assert "trained on 2 process(es)" in output, output[-4000:]
+        kill_group(processes[name])
+        pytest.fail(f"the {name} launch did not finish in {TIMEOUT_S} s:\n{log_tail(folder, name)}")
+    output = log_tail(folder, name)
+    assert processes[name].returncode == 0, output
+    assert "trained on 2 process(es)" in output, output
     single = load_file(str(folder / "single" / "adapter_model.safetensors"))
     return single, load_file(str(folder / name / "adapter_model.safetensors"))
+
+
+def log_tail(folder: Path, name: str) -> str:
+    return (folder / f"{name}.log").read_text(errors="replace")[-4000:]
 
 
 def assert_same_adapter(actual, expected):
