@@ -15,7 +15,7 @@ from peftkit import AdapterLayer, plugins
 from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR
 from torch import nn
 
-from peftkit_lora import dora
+from peftkit_lora import dora, fused
 from peftkit_lora.config import LoraConfig
 from peftkit_lora.init import olora_factors, pissa_factors, uses_base_weight
 
@@ -46,6 +46,9 @@ class LoraLayer(AdapterLayer):
         "merged_norms",
     )
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D, CONV3D, EMBEDDING)
+    # LoRA on a linear layer runs as one autograd node (peftkit_lora.fused); tests switch it off to
+    # compare with the plain modules
+    use_fused_linear: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module, features=None) -> None:
         super().__init__(base_layer, features)
@@ -163,6 +166,16 @@ class LoraLayer(AdapterLayer):
                 )
                 lora = (after_a @ b.T) * self.scaling[name]
                 h = None
+            elif self._fuses(name, x, result):
+                result = fused.lora_linear(
+                    result,
+                    x,
+                    self.lora_A[name].weight,
+                    self.lora_B[name].weight,
+                    self.scaling[name],
+                    self._dropout_p(name),
+                )
+                continue
             else:
                 a, b = self.lora_A[name], self.lora_B[name]
                 h = self.lora_dropout[name](x.to(a.weight.dtype))
@@ -172,6 +185,20 @@ class LoraLayer(AdapterLayer):
             else:
                 result = result + lora.to(out_dtype)
         return result
+
+    def _dropout_p(self, name: str) -> float:
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    def _fuses(self, name: str, x: torch.Tensor, result: torch.Tensor) -> bool:
+        """Whether the fused node computes exactly what the plain modules would: a linear layer, no DoRA,
+        and one dtype throughout (the plain path casts ``x`` to the adapter's dtype and back)."""
+        return (
+            self.use_fused_linear
+            and self.features.kind == LINEAR
+            and name not in self.lora_magnitude_vector
+            and x.dtype == result.dtype == self.lora_A[name].weight.dtype
+        )
 
     def _dora_output(
         self,
@@ -228,7 +255,7 @@ class LoraLayer(AdapterLayer):
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         if adapter_name not in self.lora_magnitude_vector:
             return super().unmerged_weight(adapter_name, weight)
-        norm = self.merged_norms.pop(adapter_name)
+        norm = self.merged_norms[adapter_name]
         scale = self.lora_magnitude_vector[adapter_name].detach().flatten().float() / norm
         combined = self._scale_rows(weight.float(), 1 / scale)
         return (combined - self.delta_weight(adapter_name).detach().float()).to(weight.dtype)

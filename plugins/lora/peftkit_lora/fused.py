@@ -1,0 +1,77 @@
+"""LoRA on a linear layer as one autograd node: y' = y + s · (drop(x) Aᵀ) Bᵀ.
+
+The plain path (``b(a(dropout(x))) * s`` then ``y + …``) builds four autograd nodes, each full-size
+elementwise step a pass over memory, and with dropout keeps both the mask and the dropped copy of
+``x`` for backward. This node adds the update with one ``addmm`` (the scale folded in) and keeps only
+``x``, the ``(N, r)`` down-projection and the dropout seed: the mask is drawn again from its seed in
+backward. The gradients, with ``g`` the gradient of y' and ``u = s · g B``:
+
+    ∂y = g,    ∂B = s · gᵀ (drop(x) Aᵀ),    ∂A = uᵀ drop(x),    ∂x = drop'(u A)
+
+where ``drop'`` applies the same mask and ``1/(1-p)`` scale as ``drop``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def new_seed() -> int:
+    """A dropout seed drawn from torch's global generator, so ``torch.manual_seed`` makes runs repeat."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The kept-and-scaled mask of inverted dropout: 0 or 1/(1-p), the same for the same seed."""
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    keep = torch.empty_like(like).bernoulli_(1 - p, generator=generator)
+    return keep.div_(1 - p)
+
+
+class LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, result, x, lora_a, lora_b, scaling: float, p: float, seed: int):
+        rows = x.reshape(-1, x.shape[-1])
+        if p > 0:
+            rows = rows * dropout_mask(rows, p, seed)
+        down = rows @ lora_a.t()
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), down, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(x, down, lora_a, lora_b)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, down, lora_a, lora_b = ctx.saved_tensors
+        scaling, p = ctx.scaling, ctx.p
+        g = grad.reshape(-1, grad.shape[-1])
+        up = (g @ lora_b).mul_(scaling)
+        mask = dropout_mask(x.reshape(-1, x.shape[-1]), p, ctx.seed) if p > 0 else None
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_x = up @ lora_a
+            if mask is not None:
+                grad_x.mul_(mask)
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[2]:
+            rows = x.reshape(-1, x.shape[-1])
+            grad_a = up.t() @ (rows * mask if mask is not None else rows)
+        if ctx.needs_input_grad[3]:
+            grad_b = (g.t() @ down).mul_(scaling)
+        return grad, grad_x, grad_a, grad_b, None, None, None
+
+
+def lora_linear(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    p: float = 0.0,
+) -> torch.Tensor:
+    """``result + scaling · lora_b(lora_a(dropout_p(x)))`` for 2-D ``lora_a``/``lora_b`` weights."""
+    if not torch.is_grad_enabled() and p == 0:
+        rows = x.reshape(-1, x.shape[-1]) @ lora_a.t()
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), rows, lora_b.t(), alpha=scaling)
+        return out.view(result.shape)
+    return LoraLinear.apply(result, x, lora_a, lora_b, scaling, p, new_seed() if p > 0 else 0)
