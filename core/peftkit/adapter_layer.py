@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit import plugins
+from peftkit import exact_unmerge, plugins
 from peftkit.errors import MergeNotSupportedError
 from peftkit.layer_access import LayerFeatures
 
@@ -39,6 +39,7 @@ class AdapterLayer(nn.Module):
         self.features = features if features is not None else plugins.layer_features(self.get_base_layer())
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.merge_residuals: dict[str, exact_unmerge.MergeResidual] = {}
         self.disabled = False
 
     # --- what a method implements ---------------------------------------------------------------
@@ -150,7 +151,11 @@ class AdapterLayer(nn.Module):
                     f"merging adapter {name!r} into {type(base).__name__} gives NaN or inf weights"
                 )
             new_bias = self._changed_bias(base, self.merged_bias, name)
+            if self._keeps_residual(base, weight):  # before the write: ``weight`` may share its storage
+                unmerged = self.unmerged_weight(name, merged)
+                self.merge_residuals[name] = exact_unmerge.residual(weight, unmerged, version=0)
             plugins.write_weight(base, merged)
+            self._note_own_write(base)
             if new_bias is not None:
                 self._write_bias(base, new_bias)
             self.merged_adapters.append(name)
@@ -162,10 +167,35 @@ class AdapterLayer(nn.Module):
             if adapter_names is not None and name not in adapter_names:
                 continue
             new_bias = self._changed_bias(base, self.unmerged_bias, name)
-            plugins.write_weight(base, self.unmerged_weight(name, plugins.read_weight(base)))
+            unmerged = self.unmerged_weight(name, plugins.read_weight(base))
+            kept = self.merge_residuals.pop(name, None)
+            if kept is not None and kept.version == base.weight._version:
+                unmerged = exact_unmerge.restore(unmerged, kept)
+            plugins.write_weight(base, unmerged)
+            self._note_own_write(base)
             if new_bias is not None:
                 self._write_bias(base, new_bias)
             self.merged_adapters.remove(name)
+
+    def _note_own_write(self, base: nn.Module) -> None:
+        """Residuals stay valid through this layer's own writes; any other change to the weight (an
+        optimizer step while merged) bumps its version and makes unmerging fall back to plain arithmetic."""
+        if not self.merge_residuals:
+            return
+        for kept in self.merge_residuals.values():
+            kept.version = base.weight._version
+
+    @staticmethod
+    def _keeps_residual(base: nn.Module, weight: torch.Tensor) -> bool:
+        """Whether unmerging can restore this weight bit for bit (see :mod:`peftkit.exact_unmerge`): a
+        dense 16- or 32-bit float weight, stored as read (a quantized layer is requantized instead)."""
+        stored = getattr(base, "weight", None)
+        return (
+            isinstance(stored, torch.Tensor)
+            and exact_unmerge.supports(weight)
+            and weight.dtype == stored.dtype
+            and weight.numel() == stored.numel()
+        )
 
     @staticmethod
     def _changed_bias(base: nn.Module, rule: Any, adapter_name: str) -> torch.Tensor | None:

@@ -140,6 +140,11 @@ class IA3Layer(AdapterLayer):
             return None
         return self._divided_back(adapter_name, "bias", bias, self.ia3_l[adapter_name].detach().flatten())
 
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        super().unmerge(adapter_names)
+        for name in [name for name in self.exact_copies if name not in self.merged_adapters]:
+            del self.exact_copies[name]
+
     def _keep_exact_copy(
         self, adapter_name: str, what: str, tensor: torch.Tensor, factor: torch.Tensor
     ) -> None:
@@ -149,9 +154,8 @@ class IA3Layer(AdapterLayer):
     def _divided_back(
         self, adapter_name: str, what: str, tensor: torch.Tensor, factor: torch.Tensor
     ) -> torch.Tensor:
-        lost, values = self.exact_copies[adapter_name].pop(what)
-        if not self.exact_copies[adapter_name]:
-            del self.exact_copies[adapter_name]
+        # read, not popped: a merge asks for the unmerged weight once already (peftkit.exact_unmerge)
+        lost, values = self.exact_copies[adapter_name][what]
         lost = lost.to(tensor.device)
         divisor = torch.where(lost, torch.ones_like(factor), factor)
         restored = (tensor / divisor).to(tensor.dtype)
