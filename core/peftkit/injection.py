@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit import plugins
@@ -187,7 +189,16 @@ def inject_into_targets(
                 )
             module = layer_class(module, features)
             model.set_submodule(path, module)
-        module.update_layer(adapter_name, config, logical_path(path))
+        with _creating_on(module.get_base_layer()):
+            module.update_layer(adapter_name, config, logical_path(path))
         # new submodules (dropout) start in training mode: give them the mode of the layer they adapt
         module.train(training)
     return paths
+
+
+def _creating_on(base_layer: nn.Module) -> contextlib.AbstractContextManager:
+    """On a meta-device base (a model laid out without weights), adapter tensors are made on the meta
+    device too: no memory, no initialisation work. Elsewhere they are made on the CPU and moved, so
+    that seeded initialisation draws the same numbers as PEFT's."""
+    weight = next(base_layer.parameters(), None)
+    return torch.device("meta") if weight is not None and weight.is_meta else contextlib.nullcontext()
