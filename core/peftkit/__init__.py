@@ -24,6 +24,7 @@ _EXPORTS = {
     "LayerFeatures": "peftkit.layer_access",
     "inject_into_targets": "peftkit.injection",
     "prepare_model_for_kbit_training": "peftkit.kbit",
+    "hotswap_adapter": "peftkit.hotswap",
     "PeftkitError": "peftkit.errors",
     "ConfigError": "peftkit.errors",
     "TargetModulesError": "peftkit.errors",

@@ -10,6 +10,7 @@ from torch import nn
 from peftkit import exact_unmerge, plugins
 from peftkit.errors import MergeNotSupportedError
 from peftkit.layer_access import LayerFeatures
+from peftkit.mixed_batch import RowAdapters
 
 
 class AdapterLayer(nn.Module):
@@ -27,11 +28,15 @@ class AdapterLayer(nn.Module):
     - :meth:`saved_tensors`: what the adapter's file holds for this layer, when not its tensors as
       they are (AdaLoRA saves its factors cut to the ranks it kept).
     - ``supported_kinds``: the base layer kinds (see :mod:`peftkit.layer_access`) it can wrap.
+    - ``hotswap_fields``: the config fields that may differ when another saved adapter is hot-swapped
+      in (:func:`peftkit.hotswap_adapter`) because they change only scalars, which
+      :meth:`update_scalars` then sets; every other field must match.
     """
 
     adapter_tensor_names: ClassVar[tuple[str, ...]] = ()
     adapter_state_names: ClassVar[tuple[str, ...]] = ()
     supported_kinds: ClassVar[tuple[str, ...]] = ()
+    hotswap_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module, features: LayerFeatures | None = None) -> None:
         super().__init__()
@@ -40,6 +45,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.merge_residuals: dict[str, exact_unmerge.MergeResidual] = {}
+        self.row_adapters: RowAdapters | None = None  # set while a mixed batch runs (peftkit.mixed_batch)
         self.disabled = False
 
     # --- what a method implements ---------------------------------------------------------------
@@ -65,6 +71,10 @@ class AdapterLayer(nn.Module):
     def unmerged_bias(self, adapter_name: str, bias: torch.Tensor) -> torch.Tensor | None:
         """The bias with the merged adapter taken out again; None (the default) leaves the bias alone."""
         return None
+
+    def update_scalars(self, adapter_name: str, config: Any, module_name: str) -> None:
+        """After a hot-swap, set what the ``hotswap_fields`` of the new ``config`` decide for this layer
+        (``module_name``: its path in the base model, as :meth:`update_layer` gets it). Default: nothing."""
 
     def saved_tensors(self, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
         """The tensors saved for this layer, named relative to it (default: :meth:`adapter_parameters`).
@@ -110,10 +120,25 @@ class AdapterLayer(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self.row_adapters is not None:
+            self.row_adapters.check_rows(x.shape[0], type(self).__name__)
+            return self.mixed_batch_output(x, result, self.row_adapters)
         pending = [name for name in self.active_adapters if name not in self.merged_adapters]
         if not pending:
             return result
         return self.adapter_output(x, result, pending)
+
+    def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor, rows: RowAdapters) -> torch.Tensor:
+        """Each row plus its own adapter's output. This default runs :meth:`adapter_output` once per
+        adapter on that adapter's rows; a method can override it to do all rows at once."""
+        out = result
+        for name in rows.adapters():
+            if not self.holds(name):
+                continue
+            selected = torch.tensor([row_name == name for row_name in rows.names], device=x.device)
+            changed = self.adapter_output(x[selected], result[selected], [name])
+            out = out.index_put((selected,), changed.to(out.dtype))
+        return out
 
     def adapter_parameters(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
         """The adapter's tensors here, named as PEFT saves them relative to this layer."""

@@ -250,7 +250,12 @@ class PeftModel(nn.Module):
                 inputs = changed
         return inputs
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model with the active adapters; or, with ``adapter_names`` (one per row of the batch,
+        ``"__base__"`` for none), each row with its own adapter, as PEFT's mixed batches do."""
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names):
+                return self.base_model(*args, **kwargs)
         inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.transform_inputs)
         outputs = self.base_model(**inputs)
         if self._adapters_disabled:
@@ -261,7 +266,10 @@ class PeftModel(nn.Module):
                 outputs = changed
         return outputs
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names):
+                return self.base_model.model.generate(*args, **kwargs)
         inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.prepare_generation)
         with self._rewriting_generation_steps():
             return self.base_model.model.generate(**inputs)
@@ -288,6 +296,37 @@ class PeftModel(nn.Module):
                 model.prepare_inputs_for_generation = original
             else:
                 del model.prepare_inputs_for_generation
+
+    def _mixed_batch(self, adapter_names: list[str]):
+        from peftkit.mixed_batch import BASE, ROW_WISE_FAMILIES, rows_using
+
+        if isinstance(adapter_names, str) or not adapter_names:
+            raise ValueError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
+        self._check_known([name for name in adapter_names if name != BASE])
+        for name in dict.fromkeys(adapter_names):
+            spec = self._method(name) if name != BASE else None
+            if spec is not None and spec.family not in ROW_WISE_FAMILIES:
+                raise ValueError(
+                    f"adapter {name!r} is a {spec.name} adapter ({spec.family}), which cannot differ from row to "
+                    f"row of a batch; adapter_names takes adapters of the {', '.join(ROW_WISE_FAMILIES)} families"
+                )
+        layers = [layer for _, layer in self.adapter_layers()]
+        heads = [layer for layer in layers if isinstance(layer, ModulesToSaveWrapper)]
+        with_heads = [name for name in dict.fromkeys(adapter_names) if any(head.holds(name) for head in heads)]
+        if with_heads:
+            raise ValueError(
+                f"adapter {with_heads[0]!r} has modules_to_save, whose trained copies cannot differ from row to "
+                "row of a batch here; run its rows as a batch of their own"
+            )
+        merged = sorted({name for layer in layers for name in layer.merged_adapters})
+        if merged:
+            raise ValueError(
+                f"adapter_names cannot be used while adapters are merged ({', '.join(merged)}): every row would "
+                "see them; call unmerge_adapter() first"
+            )
+        if self._adapters_disabled:
+            raise ValueError("adapter_names cannot be used inside disable_adapter(); name rows '__base__' instead")
+        return rows_using(layers, adapter_names)
 
     # --- merging ----------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
@@ -475,10 +514,23 @@ class PeftModel(nn.Module):
         adapter_name: str,
         is_trainable: bool = False,
         subfolder: str | None = None,
+        hotswap: bool = False,
         **_: Any,
     ) -> None:
-        """Load another saved adapter under ``adapter_name``; like :meth:`add_adapter`, it is not activated."""
+        """Load another saved adapter under ``adapter_name``; like :meth:`add_adapter`, it is not activated.
+
+        With ``hotswap=True``, ``adapter_name`` is an adapter this model already has, and the saved one's
+        weights replace its weights in place (see :func:`peftkit.hotswap_adapter`): no module is created,
+        it stays active if it was, and it trains only if ``is_trainable``.
+        """
         folder = Path(model_id, subfolder) if subfolder else Path(model_id)
+        if hotswap:
+            from peftkit.hotswap import hotswap_adapter
+
+            hotswap_adapter(self, folder, adapter_name)
+            self.peft_config[adapter_name].inference_mode = not is_trainable
+            self._update_trainable()
+            return
         config = load_config(folder)
         config.inference_mode = not is_trainable
         tensors = serialization.read_tensors(folder)

@@ -86,12 +86,38 @@ class IA3Layer(AdapterLayer):
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_adapters is not None and not self.disabled:
+            return self._mixed_batch_forward(x, *args, **kwargs)
         pending = [] if self.disabled else [n for n in self.active_adapters if n not in self.merged_adapters]
         scaling_input = [name for name in pending if self.is_feedforward[name]]
         if not scaling_input:
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(scaled(x, self._activation_factor(scaling_input)), *args, **kwargs)
         return self.adapter_output(x, result, pending)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Each row scaled by its own adapter's vectors: the vectors are stacked and gathered per row."""
+        self.row_adapters.check_rows(x.shape[0], type(self).__name__)
+        input_factor = self._row_factors(feedforward=True, like=x)
+        result = self.base_layer(x if input_factor is None else scaled(x, input_factor), *args, **kwargs)
+        output_factor = self._row_factors(feedforward=False, like=result)
+        return result if output_factor is None else scaled(result, output_factor)
+
+    def _row_factors(self, feedforward: bool, like: torch.Tensor) -> torch.Tensor | None:
+        """Per row, the vector of its adapter (ones for other rows), shaped to broadcast against ``like``."""
+        held = tuple(
+            name
+            for name in self.row_adapters.adapters()
+            if name in self.ia3_l and self.is_feedforward[name] == feedforward
+        )
+        if not held:
+            return None
+        vectors = [self.ia3_l[name].flatten() for name in held]
+        table = torch.stack(vectors + [torch.ones_like(vectors[0])])  # row -1 picks the ones
+        factors = table[self.row_adapters.row_index(held, like.device)]
+        if self.features.kind == LINEAR:
+            return factors.view(factors.shape[0], *([1] * (like.dim() - 2)), factors.shape[1])
+        return factors.view(*factors.shape, *([1] * (like.dim() - 2)))
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         scaling_output = [name for name in adapter_names if not self.is_feedforward[name]]

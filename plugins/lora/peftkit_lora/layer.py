@@ -46,6 +46,8 @@ class LoraLayer(AdapterLayer):
         "merged_norms",
     )
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D, CONV3D, EMBEDDING)
+    # a hot-swapped adapter may differ in these: they only set ``scaling`` (see update_scalars)
+    hotswap_fields: ClassVar[tuple[str, ...]] = ("lora_alpha", "alpha_pattern", "use_rslora")
     # LoRA on a linear layer runs as one autograd node (peftkit_lora.fused); tests switch it off to
     # compare with the plain modules
     use_fused_linear: ClassVar[bool] = True
@@ -56,6 +58,7 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per output feature
         self.lora_dropout = nn.ModuleDict()
+        self._stack_cache = None  # (key, (A stack, s·B stack)) for mixed batches, see _stacked
         self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA: ‖W + ΔW‖ at merge time, to unmerge exactly
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -96,6 +99,13 @@ class LoraLayer(AdapterLayer):
             if f.kind in _CONV:  # PEFT keeps a convolution's magnitude shaped (1, out, 1, ...)
                 norms = norms.view(1, -1, *([1] * len(f.kernel_size)))
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norms)
+
+    def update_scalars(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        """After a hot-swap: alpha and scaling from the new config; the rank is the layer's, unchanged."""
+        r = self.r[adapter_name]
+        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / (math.sqrt(r) if config.use_rslora else r)
 
     def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
         """PiSSA / OLoRA: the adapter takes the top of W, the base layer keeps the residual."""
@@ -185,6 +195,53 @@ class LoraLayer(AdapterLayer):
             else:
                 result = result + lora.to(out_dtype)
         return result
+
+    def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
+        """Every row's own adapter at once: two ``bmm`` over the tokens grouped by adapter, against the
+        adapters' stacked A and B (scale folded into B), so each adapter's weights are read once."""
+        held = tuple(name for name in rows.adapters() if name in self.lora_A)
+        if self.features.kind != LINEAR or any(name in self.lora_magnitude_vector for name in held):
+            return super().mixed_batch_output(x, result, rows)
+        if not held:
+            return result
+        if self.training and any(self._dropout_p(name) for name in held):
+            raise ValueError(
+                "a mixed batch (adapter_names=...) runs LoRA without dropout: call model.eval(), or train "
+                "with lora_dropout=0"
+            )
+        lora_a, lora_b = self._stacked(held)
+        rows_x = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
+        grouping = rows.grouping(held, rows_x.shape[0] // x.shape[0], x.device)
+        padded_x = torch.cat([rows_x, rows_x.new_zeros(1, rows_x.shape[-1])])
+        grouped = padded_x.index_select(0, grouping.gather).view(grouping.adapters, grouping.width, -1)
+        update = torch.bmm(torch.bmm(grouped, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))
+        update = update.view(-1, update.shape[-1])
+        padded_update = torch.cat([update, update.new_zeros(1, update.shape[-1])])
+        flat = result.reshape(-1, result.shape[-1])
+        return (flat + padded_update.index_select(0, grouping.scatter).to(flat.dtype)).view(result.shape)
+
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as ``(adapters, r, in)`` and s·B as ``(adapters, out, r)``, ranks zero-padded to the largest.
+
+        Kept between calls while no gradient is taken and no tensor or scale has changed."""
+        key = tuple(
+            (name, self.scaling[name])
+            + tuple((t.data_ptr(), t._version) for t in (self.lora_A[name].weight, self.lora_B[name].weight))
+            for name in names
+        )
+        cached = self._stack_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rank = max(self.r[name] for name in names)
+        a_rows, b_cols = [], []
+        for name in names:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight * self.scaling[name]
+            a_rows.append(F.pad(a, (0, 0, 0, rank - a.shape[0])))
+            b_cols.append(F.pad(b, (0, rank - b.shape[1])))
+        stacks = torch.stack(a_rows), torch.stack(b_cols)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in stacks)
+        self._stack_cache = None if grad else (key, stacks)
+        return stacks
 
     def _dropout_p(self, name: str) -> float:
         dropout = self.lora_dropout[name]

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peftkit import LoraConfig, get_peft_model
 from peftkit.testing.models import tiny_llama
-
 from peftkit_lora import fused
 from peftkit_lora.layer import LoraLayer
 
