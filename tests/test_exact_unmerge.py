@@ -20,7 +20,7 @@ def bits(tensor: torch.Tensor) -> torch.Tensor:
 @settings(max_examples=60, deadline=None)
 @given(
     dtype=st.sampled_from(DTYPES),
-    numel=st.integers(1, 64),
+    numel=st.integers(1, 65),
     seed=st.integers(0, 2**31),
     spread=st.sampled_from([1e-3, 1.0, 1e4]),
 )
@@ -70,14 +70,16 @@ def test_plain_arithmetic_would_drift_in_bf16_so_the_residual_is_doing_the_work(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_the_residual_takes_one_byte_per_weight_element(dtype):
+def test_the_residual_takes_at_most_one_byte_per_weight_element(dtype):
     model = lora_linear(dtype, seed=1, delta_scale=0.05)
     layer = model.get_base_model()[0]
+    numel = layer.get_base_layer().weight.numel()
     model.merge_adapter()
     kept = layer.merge_residuals["default"]
-    assert kept.steps.dtype == torch.int8 and kept.steps.shape == layer.get_base_layer().weight.shape
-    assert kept.far_index.numel() == 0  # a trained delta is far below a hundred units in the last place
-    assert kept.nbytes == layer.get_base_layer().weight.numel()
+    assert kept.steps.dtype == torch.uint8 and kept.steps.numel() == (numel + 1) // 2  # two steps a byte
+    far = kept.far_index.numel()
+    assert far < numel // 20  # a trained delta rarely moves an element more than 7 representable values
+    assert kept.nbytes == (numel + 1) // 2 + far * (4 + kept.far_bits.element_size()) <= numel
     model.unmerge_adapter()
     assert layer.merge_residuals == {}
 
