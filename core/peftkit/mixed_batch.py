@@ -40,12 +40,15 @@ class Grouping:
 @dataclass
 class RowAdapters:
     names: list[str]
+    _adapters: list[str] | None = field(default=None, repr=False)
     _row_indices: dict = field(default_factory=dict, repr=False)
     _groupings: dict = field(default_factory=dict, repr=False)
 
     def adapters(self) -> list[str]:
         """The adapter names used, in order of first appearance, without ``__base__``."""
-        return [name for name in dict.fromkeys(self.names) if name != BASE]
+        if self._adapters is None:
+            self._adapters = [name for name in dict.fromkeys(self.names) if name != BASE]
+        return self._adapters
 
     def check_rows(self, rows: int, where: str) -> None:
         if rows != len(self.names):

@@ -310,7 +310,7 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is a {spec.name} adapter ({spec.family}), which cannot differ from row to "
                     f"row of a batch; adapter_names takes adapters of the {', '.join(ROW_WISE_FAMILIES)} families"
                 )
-        layers = [layer for _, layer in self.adapter_layers()]
+        layers = self._layers_for_mixed_batches()
         heads = [layer for layer in layers if isinstance(layer, ModulesToSaveWrapper)]
         with_heads = [name for name in dict.fromkeys(adapter_names) if any(head.holds(name) for head in heads)]
         if with_heads:
@@ -327,6 +327,16 @@ class PeftModel(nn.Module):
         if self._adapters_disabled:
             raise ValueError("adapter_names cannot be used inside disable_adapter(); name rows '__base__' instead")
         return rows_using(layers, adapter_names)
+
+    def _layers_for_mixed_batches(self) -> list[AdapterLayer]:
+        """The adapter layers, found again only when the set of adapters changed: walking a model with
+        many adapters costs more than a decoding step's adapter math."""
+        key = tuple(self.peft_config)
+        cached = self.__dict__.get("_mixed_batch_layers")
+        if cached is None or cached[0] != key:
+            cached = (key, [layer for _, layer in self.adapter_layers()])
+            self.__dict__["_mixed_batch_layers"] = cached
+        return cached[1]
 
     # --- merging ----------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:

@@ -58,7 +58,8 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A, self.lora_embedding_B = nn.ParameterDict(), nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m, one per output feature
         self.lora_dropout = nn.ModuleDict()
-        self._stack_cache = None  # (key, (A stack, s·B stack)) for mixed batches, see _stacked
+        self._stack_cache = None  # mixed batches: the stacked A and s·B and what they were made from
+        self._plan_cache = None  # mixed batches: which adapters of the batch this layer runs, and how
         self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA: ‖W + ΔW‖ at merge time, to unmerge exactly
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -199,8 +200,8 @@ class LoraLayer(AdapterLayer):
     def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
         """Every row's own adapter at once: two ``bmm`` over the tokens grouped by adapter, against the
         adapters' stacked A and B (scale folded into B), so each adapter's weights are read once."""
-        held = tuple(name for name in rows.adapters() if name in self.lora_A)
-        if self.features.kind != LINEAR or any(name in self.lora_magnitude_vector for name in held):
+        held, grouped_path = self._mixed_batch_plan(rows)
+        if not grouped_path:
             return super().mixed_batch_output(x, result, rows)
         if not held:
             return result
@@ -214,33 +215,43 @@ class LoraLayer(AdapterLayer):
         grouping = rows.grouping(held, rows_x.shape[0] // x.shape[0], x.device)
         padded_x = torch.cat([rows_x, rows_x.new_zeros(1, rows_x.shape[-1])])
         grouped = padded_x.index_select(0, grouping.gather).view(grouping.adapters, grouping.width, -1)
-        update = torch.bmm(torch.bmm(grouped, lora_a.transpose(1, 2)), lora_b.transpose(1, 2))
+        update = torch.bmm(torch.bmm(grouped, lora_a), lora_b)
         update = update.view(-1, update.shape[-1])
         padded_update = torch.cat([update, update.new_zeros(1, update.shape[-1])])
         flat = result.reshape(-1, result.shape[-1])
         return (flat + padded_update.index_select(0, grouping.scatter).to(flat.dtype)).view(result.shape)
 
-    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A as ``(adapters, r, in)`` and s·B as ``(adapters, out, r)``, ranks zero-padded to the largest.
+    def _mixed_batch_plan(self, rows) -> tuple[tuple[str, ...], bool]:
+        """The adapters of the batch this layer holds, and whether the grouped path can run them (a
+        linear layer, no DoRA); kept while the batch names the same adapters and the layer holds the same."""
+        key = (tuple(rows.adapters()), tuple(self.lora_A.keys()), tuple(self.lora_magnitude_vector.keys()))
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            held = tuple(name for name in key[0] if name in key[1])
+            grouped_path = self.features.kind == LINEAR and not set(held) & set(key[2])
+            self._plan_cache = (key, held, grouped_path)
+        return self._plan_cache[1], self._plan_cache[2]
 
-        Kept between calls while no gradient is taken and no tensor or scale has changed."""
-        key = tuple(
-            (name, self.scaling[name])
-            + tuple((t.data_ptr(), t._version) for t in (self.lora_A[name].weight, self.lora_B[name].weight))
-            for name in names
-        )
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aᵀ as ``(adapters, in, r)`` and (s·B)ᵀ as ``(adapters, r, out)``, ranks zero-padded to the largest.
+
+        Kept between calls while no gradient is taken and no tensor or scale has changed (a tensor
+        changed in place, by an optimizer or a load, bumps its version)."""
         cached = self._stack_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] == (names, [self.scaling[name] for name in names]):
+            tensors, stamp, stacks = cached[1:]
+            if stamp == [t._version for t in tensors]:
+                return stacks
+        tensors = [t for name in names for t in (self.lora_A[name].weight, self.lora_B[name].weight)]
         rank = max(self.r[name] for name in names)
-        a_rows, b_cols = [], []
-        for name in names:
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight * self.scaling[name]
-            a_rows.append(F.pad(a, (0, 0, 0, rank - a.shape[0])))
-            b_cols.append(F.pad(b, (0, rank - b.shape[1])))
-        stacks = torch.stack(a_rows), torch.stack(b_cols)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in stacks)
-        self._stack_cache = None if grad else (key, stacks)
+        a_rows = [F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in tensors[0::2]]
+        b_cols = [F.pad(b * self.scaling[name], (0, rank - b.shape[1])) for name, b in zip(names, tensors[1::2])]
+        # laid out for x @ A then @ B: bmm reads them contiguously, with no transposed copy per call
+        stacks = torch.stack(a_rows).transpose(1, 2).contiguous(), torch.stack(b_cols).transpose(1, 2).contiguous()
+        if torch.is_grad_enabled() and any(t.requires_grad for t in stacks):
+            self._stack_cache = None
+        else:
+            stamp = [t._version for t in tensors]
+            self._stack_cache = ((names, [self.scaling[name] for name in names]), tensors, stamp, stacks)
         return stacks
 
     def _dropout_p(self, name: str) -> float:
