@@ -3,5 +3,5 @@
 from peftkit_ia3.config import IA3Config
 from peftkit_ia3.layer import IA3Layer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["IA3Config", "IA3Layer", "__version__"]
