@@ -58,7 +58,9 @@ class LoraLinear(torch.autograd.Function):
             grad_a = up.t() @ (rows * mask if mask is not None else rows)
         if ctx.needs_input_grad[3]:
             grad_b = (g.t() @ down).mul_(scaling)
-        return grad, grad_x, grad_a, grad_b, None, None, None
+        # the base layer's backward reads the same gradient as 2-D rows: hand it the rows made here (a
+        # copy when the gradient came through a transposed view, as q, k and v's do) so it needs none
+        return g.view(grad.shape), grad_x, grad_a, grad_b, None, None, None
 
 
 def lora_linear(
