@@ -1,5 +1,9 @@
 """LoRA on a linear layer as one autograd node: y' = y + s · (drop(x) Aᵀ) Bᵀ.
 
+Where the base is a plain ``nn.Linear`` with a frozen weight, :class:`LinearWithLora` computes the base
+output in the same node, y = x Wᵀ + b, so backward gets ∂x = g W + drop'(u A) from one ``addmm``
+instead of two products summed by autograd.
+
 The plain path (``b(a(dropout(x))) * s`` then ``y + …``) builds four autograd nodes, each full-size
 elementwise step a pass over memory, and with dropout keeps both the mask and the dropped copy of
 ``x`` for backward. This node adds the update with one ``addmm`` (the scale folded in) and keeps only
@@ -61,6 +65,57 @@ class LoraLinear(torch.autograd.Function):
         # the base layer's backward reads the same gradient as 2-D rows: hand it the rows made here (a
         # copy when the gradient came through a transposed view, as q, k and v's do) so it needs none
         return g.view(grad.shape), grad_x, grad_a, grad_b, None, None, None
+
+
+class LinearWithLora(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int):
+        rows = x.reshape(-1, x.shape[-1])
+        dropped = rows * dropout_mask(rows, p, seed) if p > 0 else rows
+        down = dropped @ lora_a.t()
+        out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        out.addmm_(down, lora_b.t(), alpha=scaling)
+        # the base weight is needed only to pass the gradient on to x (the first layer's x needs none)
+        ctx.save_for_backward(x, down, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, down, weight, lora_a, lora_b = ctx.saved_tensors
+        scaling, p = ctx.scaling, ctx.p
+        g = grad.reshape(-1, grad.shape[-1])
+        up = (g @ lora_b).mul_(scaling)
+        mask = dropout_mask(x.reshape(-1, x.shape[-1]), p, ctx.seed) if p > 0 else None
+        grad_x = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            through_lora = up @ lora_a
+            if mask is not None:
+                through_lora.mul_(mask)
+            grad_x = torch.addmm(through_lora, g, weight).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            rows = x.reshape(-1, x.shape[-1])
+            grad_a = up.t() @ (rows * mask if mask is not None else rows)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ down).mul_(scaling)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def linear_with_lora(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    p: float = 0.0,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scaling · lora_b(lora_a(dropout_p(x)))``; ``weight`` must be frozen."""
+    if weight.requires_grad:
+        raise ValueError("linear_with_lora computes no gradient for the base weight: it must be frozen")
+    return LinearWithLora.apply(x, weight, bias, lora_a, lora_b, scaling, p, new_seed() if p > 0 else 0)
 
 
 def lora_linear(

@@ -30,6 +30,17 @@ def pattern_value(patterns: dict, module_path: str, default: float) -> float:
     return default
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as module_hooks
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+    )
+
+
 class LoraLayer(AdapterLayer):
     adapter_tensor_names: ClassVar[tuple[str, ...]] = (
         "lora_A",
@@ -196,6 +207,34 @@ class LoraLayer(AdapterLayer):
             else:
                 result = result + lora.to(out_dtype)
         return result
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else self._fuses_with_base(x)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        return fused.linear_with_lora(
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            self._dropout_p(name),
+        )
+
+    def _fuses_with_base(self, x: torch.Tensor) -> str | None:
+        """The one pending adapter, where its node can compute the base output too: the base is a bare
+        ``nn.Linear`` (no hooks that its own call would run) with a frozen weight, and one dtype throughout."""
+        if self.disabled or self.row_adapters is not None or not self.use_fused_linear:
+            return None
+        base = self.base_layer
+        if type(base) is not nn.Linear or base.weight.requires_grad or _has_forward_hooks(base):
+            return None
+        pending = [name for name in self.active_adapters if name not in self.merged_adapters]
+        if len(pending) != 1 or not self._fuses(pending[0], x, base.weight):
+            return None
+        return pending[0]
 
     def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
         """Every row's own adapter at once: two ``bmm`` over the tokens grouped by adapter, against the

@@ -52,6 +52,87 @@ def test_fused_node_matches_plain_math_in_value_and_gradient(
         torch.testing.assert_close(got.grad, want.grad)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 9),
+    in_features=st.integers(1, 12),
+    out_features=st.integers(1, 12),
+    r=st.integers(1, 5),
+    scaling=st.floats(0.1, 4.0),
+    p=st.sampled_from([0.0, 0.25, 0.6]),
+    seed=st.integers(0, 2**31),
+    with_bias=st.booleans(),
+)
+def test_node_with_the_base_matches_linear_plus_lora(rows, in_features, out_features, r, scaling, p, seed, with_bias):
+    torch.manual_seed(seed)
+    x = torch.randn(2, rows, in_features, dtype=torch.float64)
+    weight = torch.randn(out_features, in_features, dtype=torch.float64)
+    tensors = [
+        x,
+        torch.randn(out_features, dtype=torch.float64) if with_bias else None,
+        torch.randn(r, in_features, dtype=torch.float64),
+        torch.randn(out_features, r, dtype=torch.float64),
+    ]
+    fused_inputs = [t.clone().requires_grad_(True) if t is not None else None for t in tensors]
+    plain_inputs = [t.clone().requires_grad_(True) if t is not None else None for t in tensors]
+    out = fused.LinearWithLora.apply(
+        fused_inputs[0], weight, fused_inputs[1], *fused_inputs[2:], scaling, p, seed
+    )
+    x_plain, bias_plain, a_plain, b_plain = plain_inputs
+    expected = plain(torch.nn.functional.linear(x_plain, weight, bias_plain), x_plain, a_plain, b_plain, scaling, p, seed)
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(expected)
+    out.backward(upstream)
+    expected.backward(upstream)
+    for got, want in zip(fused_inputs, plain_inputs):
+        if want is not None:
+            torch.testing.assert_close(got.grad, want.grad)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_node_with_the_base_passes_gradcheck(p):
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, dtype=torch.float64)
+    inputs = [
+        torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 4, dtype=torch.float64, requires_grad=True),
+        torch.randn(5, 2, dtype=torch.float64, requires_grad=True),
+    ]
+
+    def node(x, bias, a, b):
+        return fused.LinearWithLora.apply(x, weight, bias, a, b, 1.5, p, 99)
+
+    assert torch.autograd.gradcheck(node, inputs)
+
+
+def test_a_layer_with_a_trained_bias_and_a_hooked_base_trains_as_the_plain_modules(monkeypatch):
+    """bias="all" trains the base bias through the node; a forward hook on the base keeps the plain path."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    config = LoraConfig(r=2, target_modules=["0", "2"], bias="all", init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(base, config)
+    x = torch.randn(4, 6, requires_grad=True)
+    seen = []
+    model.get_base_model()[2].base_layer.register_forward_hook(lambda *args: seen.append(1))
+
+    def run():
+        model.zero_grad()
+        x.grad = None
+        model(x).square().sum().backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+        return grads, x.grad.clone()
+
+    fused_grads, fused_x = run()
+    assert len(seen) == 1  # the hooked base layer ran itself
+    monkeypatch.setattr(LoraLayer, "use_fused_linear", False)
+    plain_grads, plain_x = run()
+    assert any("bias" in name for name in plain_grads)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], msg=name)
+    torch.testing.assert_close(fused_x, plain_x)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_fused_node_passes_gradcheck(p):
     torch.manual_seed(0)
@@ -133,3 +214,12 @@ def test_with_dropout_the_fused_node_keeps_no_mask_and_no_dropped_copy(monkeypat
     plain_bytes = saved_bytes(model, ids)
     assert base_bytes < fused_bytes < plain_bytes
     assert fused_bytes - base_bytes <= 0.6 * (plain_bytes - base_bytes)
+
+
+def test_bare_linear_bases_run_in_the_node_with_the_base(monkeypatch):
+    calls = []
+    original = fused.LinearWithLora.apply
+    monkeypatch.setattr(fused.LinearWithLora, "apply", lambda *args: calls.append(1) or original(*args))
+    model = lora_llama(dropout=0.0)
+    model(input_ids=torch.randint(0, 128, (1, 4))).logits.sum().backward()
+    assert len(calls) == sum(1 for _, layer in model.adapter_layers() if isinstance(layer, LoraLayer))
