@@ -10,7 +10,7 @@ import html
 import re
 from pathlib import Path
 
-GOAL_X, ROW_HEIGHT, LABEL_WIDTH = 260, 26, 390
+GOAL_X, ROW_HEIGHT, LABEL_WIDTH = 260, 26, 500
 
 
 def met(row: dict) -> bool | None:
