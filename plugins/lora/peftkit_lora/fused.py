@@ -32,14 +32,39 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return keep.div_(1 - p)
 
 
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def _down(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as rows, and ``drop(x) Aᵀ``."""
+    rows = _rows(x)
+    dropped = rows * dropout_mask(rows, p, seed) if p > 0 else rows
+    return rows, dropped @ lora_a.t()
+
+
+def _lora_backward(ctx, grad, x, down, lora_a, lora_b, needs_x: bool, needs_a: bool, needs_b: bool):
+    """The gradient as rows ``g``, the gradient reaching ``x`` through the adapter (``drop'(u A)``), ∂A and ∂B."""
+    g = _rows(grad)
+    up = (g @ lora_b).mul_(ctx.scaling)
+    mask = dropout_mask(_rows(x), ctx.p, ctx.seed) if ctx.p > 0 else None
+    through = grad_a = grad_b = None
+    if needs_x:
+        through = up @ lora_a
+        if mask is not None:
+            through.mul_(mask)
+    if needs_a:
+        grad_a = up.t() @ (_rows(x) * mask if mask is not None else _rows(x))
+    if needs_b:
+        grad_b = (g.t() @ down).mul_(ctx.scaling)
+    return g, through, grad_a, grad_b
+
+
 class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, lora_a, lora_b, scaling: float, p: float, seed: int):
-        rows = x.reshape(-1, x.shape[-1])
-        if p > 0:
-            rows = rows * dropout_mask(rows, p, seed)
-        down = rows @ lora_a.t()
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), down, lora_b.t(), alpha=scaling)
+        _, down = _down(x, lora_a, p, seed)
+        out = torch.addmm(_rows(result), down, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x, down, lora_a, lora_b)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
         return out.view(result.shape)
@@ -47,21 +72,8 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, down, lora_a, lora_b = ctx.saved_tensors
-        scaling, p = ctx.scaling, ctx.p
-        g = grad.reshape(-1, grad.shape[-1])
-        up = (g @ lora_b).mul_(scaling)
-        mask = dropout_mask(x.reshape(-1, x.shape[-1]), p, ctx.seed) if p > 0 else None
-        grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[1]:
-            grad_x = up @ lora_a
-            if mask is not None:
-                grad_x.mul_(mask)
-            grad_x = grad_x.view(x.shape)
-        if ctx.needs_input_grad[2]:
-            rows = x.reshape(-1, x.shape[-1])
-            grad_a = up.t() @ (rows * mask if mask is not None else rows)
-        if ctx.needs_input_grad[3]:
-            grad_b = (g.t() @ down).mul_(scaling)
+        g, through, grad_a, grad_b = _lora_backward(ctx, grad, x, down, lora_a, lora_b, *ctx.needs_input_grad[1:4])
+        grad_x = through.view(x.shape) if through is not None else None
         # the base layer's backward reads the same gradient as 2-D rows: hand it the rows made here (a
         # copy when the gradient came through a transposed view, as q, k and v's do) so it needs none
         return g.view(grad.shape), grad_x, grad_a, grad_b, None, None, None
@@ -70,9 +82,7 @@ class LoraLinear(torch.autograd.Function):
 class LinearWithLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int):
-        rows = x.reshape(-1, x.shape[-1])
-        dropped = rows * dropout_mask(rows, p, seed) if p > 0 else rows
-        down = dropped @ lora_a.t()
+        rows, down = _down(x, lora_a, p, seed)
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         out.addmm_(down, lora_b.t(), alpha=scaling)
         # the base weight is needed only to pass the gradient on to x (the first layer's x needs none)
@@ -83,23 +93,10 @@ class LinearWithLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, down, weight, lora_a, lora_b = ctx.saved_tensors
-        scaling, p = ctx.scaling, ctx.p
-        g = grad.reshape(-1, grad.shape[-1])
-        up = (g @ lora_b).mul_(scaling)
-        mask = dropout_mask(x.reshape(-1, x.shape[-1]), p, ctx.seed) if p > 0 else None
-        grad_x = grad_bias = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            through_lora = up @ lora_a
-            if mask is not None:
-                through_lora.mul_(mask)
-            grad_x = torch.addmm(through_lora, g, weight).view(x.shape)
-        if ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            rows = x.reshape(-1, x.shape[-1])
-            grad_a = up.t() @ (rows * mask if mask is not None else rows)
-        if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ down).mul_(scaling)
+        needs = ctx.needs_input_grad
+        g, through, grad_a, grad_b = _lora_backward(ctx, grad, x, down, lora_a, lora_b, needs[0], needs[3], needs[4])
+        grad_x = torch.addmm(through, g, weight).view(x.shape) if through is not None else None
+        grad_bias = g.sum(0) if needs[2] else None
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
@@ -128,7 +125,5 @@ def lora_linear(
 ) -> torch.Tensor:
     """``result + scaling · lora_b(lora_a(dropout_p(x)))`` for 2-D ``lora_a``/``lora_b`` weights."""
     if not torch.is_grad_enabled() and p == 0:
-        rows = x.reshape(-1, x.shape[-1]) @ lora_a.t()
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), rows, lora_b.t(), alpha=scaling)
-        return out.view(result.shape)
+        return torch.addmm(_rows(result), _rows(x) @ lora_a.t(), lora_b.t(), alpha=scaling).view(result.shape)
     return LoraLinear.apply(result, x, lora_a, lora_b, scaling, p, new_seed() if p > 0 else 0)
