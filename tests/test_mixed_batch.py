@@ -139,3 +139,20 @@ def test_merged_adapters_and_prompts_are_refused():
     model.merge_adapter(["default"])
     with pytest.raises(ValueError, match=r"while adapters are merged \(default\)"):
         model(input_ids=ids, adapter_names=["default", "__base__"])
+
+
+def test_heads_disabled_adapters_and_training_dropout_are_refused():
+    from peftkit.testing.models import tiny_llama as llama
+
+    with_head = get_peft_model(
+        llama(seed=0, num_labels=2), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["score"])
+    )
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="'default' has modules_to_save"):
+        with_head(input_ids=ids, adapter_names=["default", "__base__"])
+
+    model = get_peft_model(llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.1)).train()
+    with pytest.raises(ValueError, match="runs LoRA without dropout: call model.eval()"):
+        model(input_ids=ids, adapter_names=["default", "__base__"])
+    with model.disable_adapter(), pytest.raises(ValueError, match="inside disable_adapter"):
+        model(input_ids=ids, adapter_names=["default", "__base__"])
