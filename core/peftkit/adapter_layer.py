@@ -205,8 +205,6 @@ class AdapterLayer(nn.Module):
     def _note_own_write(self, base: nn.Module) -> None:
         """Residuals stay valid through this layer's own writes; any other change to the weight (an
         optimizer step while merged) bumps its version and makes unmerging fall back to plain arithmetic."""
-        if not self.merge_residuals:
-            return
         for kept in self.merge_residuals.values():
             kept.version = base.weight._version
 
