@@ -91,19 +91,6 @@ def peftkit_load_adapter_state_dict(peft_model, config: PromptEncoderConfig, ada
 LABEL = "P-tuning"
 
 
-@method_impl(METHOD)
-def peftkit_transform_inputs(peft_model, config: PromptEncoderConfig, adapter_name: str, inputs):
-    module = peft_model.prompt_modules[adapter_name]
-    return virtual_tokens.prepend_virtual_tokens(peft_model, config, module, inputs, LABEL)
-
-
-@method_impl(METHOD)
-def peftkit_prepare_generation(peft_model, config: PromptEncoderConfig, adapter_name: str, inputs):
-    module = peft_model.prompt_modules[adapter_name]
-    return virtual_tokens.prepare_generation(peft_model, config, module, inputs, LABEL)
-
-
-@method_impl(METHOD)
-def peftkit_prepare_generation_step(peft_model, config: PromptEncoderConfig, adapter_name: str, model_inputs):
-    module = peft_model.prompt_modules[adapter_name]
-    return virtual_tokens.prepare_generation_step(peft_model, config, module, model_inputs, LABEL)
+peftkit_transform_inputs, peftkit_prepare_generation, peftkit_prepare_generation_step = (
+    virtual_tokens.input_hooks(METHOD, LABEL)
+)

@@ -6,6 +6,7 @@ import copy
 import json
 
 import peftkit
+import peftkit_p_tuning
 import pytest
 import torch
 from peftkit import AdapterLoadError, ConfigError, plugins
@@ -27,7 +28,7 @@ def test_the_method_is_registered_with_p_tuning_s_capabilities():
         "supports_multiple_active": False,
         "needs_tokenizer": False,
     }
-    assert (spec.distribution, spec.version) == ("peftkit-p-tuning", "0.1.0")
+    assert (spec.distribution, spec.version) == ("peftkit-p-tuning", peftkit_p_tuning.__version__)
     assert peftkit.PromptEncoderConfig is PromptEncoderConfig
 
 

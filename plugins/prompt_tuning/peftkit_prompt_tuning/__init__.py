@@ -3,5 +3,5 @@
 from peftkit_prompt_tuning.config import PromptTuningConfig
 from peftkit_prompt_tuning.embedding import PromptEmbedding
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["PromptEmbedding", "PromptTuningConfig", "__version__"]

@@ -29,6 +29,7 @@ import warnings
 from typing import Any
 
 import torch
+from peftkit import method_impl
 from peftkit.config import TaskType
 
 # The tasks for which PEFT passes token_type_ids on, with zeros for the virtual tokens; others drop them.
@@ -176,3 +177,29 @@ def prepare_generation_step(
         inputs["inputs_embeds"] = _embed_with_prompt(peft_model, config, module, input_ids, None)
         inputs["input_ids"] = None
     return inputs
+
+
+def input_hooks(method: str, label: str) -> tuple:
+    """The three per-method hooks that place a method's virtual tokens, as this module does, for a plugin
+    to bind under their hook names::
+
+        peftkit_transform_inputs, peftkit_prepare_generation, peftkit_prepare_generation_step = (
+            virtual_tokens.input_hooks(METHOD, LABEL)
+        )
+
+    The adapter's prompt module is ``peft_model.prompt_modules[adapter_name]``.
+    """
+
+    def peftkit_transform_inputs(peft_model, config, adapter_name, inputs):
+        module = peft_model.prompt_modules[adapter_name]
+        return prepend_virtual_tokens(peft_model, config, module, inputs, label)
+
+    def peftkit_prepare_generation(peft_model, config, adapter_name, inputs):
+        return prepare_generation(peft_model, config, peft_model.prompt_modules[adapter_name], inputs, label)
+
+    def peftkit_prepare_generation_step(peft_model, config, adapter_name, model_inputs):
+        module = peft_model.prompt_modules[adapter_name]
+        return prepare_generation_step(peft_model, config, module, model_inputs, label)
+
+    hooks = (peftkit_transform_inputs, peftkit_prepare_generation, peftkit_prepare_generation_step)
+    return tuple(method_impl(method)(hook) for hook in hooks)
