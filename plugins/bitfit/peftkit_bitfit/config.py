@@ -1,4 +1,4 @@
-"""BitFitConfig: which biases (and LayerNorms) get a trained offset.
+"""BitFitConfig: which biases (and LayerNorm weights) get a trained offset.
 
 PEFT has no BitFit, so the fields follow PEFT's conventions for what they share with its other methods
 (``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
@@ -17,10 +17,16 @@ from peftkit.config import PeftConfig, check_str_list, fail
 class BitFitConfig(PeftConfig):
     """BitFit: trains an offset ``Δb`` added to the bias of each targeted layer, nothing else.
 
-    ``target_modules``: names or name suffixes, a regex matched against the full module path, or
-    ``"all-linear"`` (the linear layers that have a bias); None, every Linear, Conv and transformers
-    ``Conv1D`` layer that has a bias. A layer named explicitly must have a bias.
-    ``train_layer_norm``: also train offsets to the weight and bias of every ``nn.LayerNorm``.
+    ``target_modules``: None (the default), every bias of the model, as the BitFit paper trains them:
+    those of Linear, Conv and transformers ``Conv1D`` layers, LayerNorms (β), GroupNorms, BatchNorms and
+    InstanceNorms; a bias in a module BitFit cannot offset is named in a warning. Or names or name
+    suffixes, a regex matched against the full module path, or ``"all-linear"`` (the linear layers that
+    have a bias); a module named explicitly must have a bias BitFit can offset.
+    ``exclude_modules``: modules never to adapt, in the same forms.
+    ``train_layer_norm``: also train offsets to the weight γ of every ``nn.LayerNorm`` in scope, and to
+    its bias whatever ``target_modules`` says.
+    A task head in ``modules_to_save`` (set by ``task_type``) trains in full instead, bias included, and
+    gets no offset.
     """
 
     method: ClassVar[str] = "bitfit"

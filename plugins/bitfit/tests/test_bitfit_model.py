@@ -15,7 +15,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 IDS = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
-BIAS_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
 
 
 def logits(model, ids=IDS):
@@ -25,24 +24,27 @@ def logits(model, ids=IDS):
 
 
 def expected_trainable(base: nn.Module, layer_norm: bool, heads: tuple[str, ...] = ()) -> int:
-    """Counted from the base model's own parameters: biases of bias layers (and LayerNorm tensors)."""
-    kinds = {path: module for path, module in base.named_modules()}
+    """Counted from the base model's own parameters as the manual recipe picks them: every parameter whose
+    name ends with "bias" (each tensor once), plus LayerNorm weights with ``layer_norm``; a task head
+    in ``heads`` trains in full instead (weight and bias), as a copy."""
+    owners = dict(base.named_modules())
     count = 0
-    for name, param in base.named_parameters():
+    for name, param in base.named_parameters():  # each tensor once, tied ones included
         path, _, tensor = name.rpartition(".")
-        module = kinds[path]
-        if path in heads:  # a task head trains in full, as a copy
+        if any(path == head or path.startswith(head + ".") for head in heads):
             count += param.numel()
-        elif isinstance(module, BIAS_LAYERS) and tensor == "bias":
-            count += param.numel()
-        elif layer_norm and isinstance(module, nn.LayerNorm):
+        elif name.endswith("bias") or (layer_norm and isinstance(owners[path], nn.LayerNorm)):
             count += param.numel()
     return count
 
 
-@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2, tiny_plain])
+def tiny_llama_with_biases():
+    return tiny_llama(attention_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2, tiny_plain, tiny_llama_with_biases])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_trainable_count_is_the_biases_of_the_targeted_layers(build, layer_norm):
+def test_by_default_every_bias_of_the_model_trains(build, layer_norm):
     base = build()
     expected = expected_trainable(base, layer_norm)
     model = get_peft_model(base, BitFitConfig(train_layer_norm=layer_norm))
@@ -51,14 +53,26 @@ def test_trainable_count_is_the_biases_of_the_targeted_layers(build, layer_norm)
     assert all(
         name.endswith(".bitfit_bias.default") or name.endswith(".bitfit_weight.default") for name in trainable
     )
+    # the LayerNorms' biases train by default, their weights only with train_layer_norm
+    assert any(".bitfit_weight." in name for name in trainable) == (
+        layer_norm and build is not tiny_llama_with_biases
+    )
 
 
-def test_trainable_count_with_a_task_head():
-    base = tiny_bert()
-    expected = expected_trainable(base, layer_norm=False, heads=("classifier",))
-    model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS"))
+@pytest.mark.parametrize("task", ["seq_cls", "token_cls"])
+def test_a_task_head_trains_in_full_and_its_bias_gets_no_offset_too(task):
+    """Every bias value trains exactly once: the head's as part of its trained copy, every other through
+    an offset. So the count is the model's bias values, less the head's bias, plus the whole head."""
+    base = tiny_bert(task=task)
+    every_bias = sum(p.numel() for name, p in base.named_parameters() if name.endswith("bias"))
+    head = sum(p.numel() for p in base.classifier.parameters())
+    expected = every_bias - base.classifier.bias.numel() + head
+    assert expected == expected_trainable(base, False, ("classifier",))
+    model = get_peft_model(base, BitFitConfig(task_type="SEQ_CLS" if task == "seq_cls" else "TOKEN_CLS"))
     assert model.get_nb_trainable_parameters()[0] == expected
-    assert not isinstance(model.base_model.model.classifier.base_layer, BitFitLayer)
+    assert not any(
+        isinstance(m, (BitFitLayer, BitFitLayerNorm)) for m in model.base_model.model.classifier.modules()
+    )
 
 
 def adapted(model) -> list[str]:
@@ -77,7 +91,13 @@ def test_targeting_by_names_exclusion_layers_and_all_linear():
     model = get_peft_model(
         tiny_bert(), BitFitConfig(exclude_modules=["dense", "classifier"], layers_to_transform=[1])
     )
-    assert adapted(model) == [f"bert.encoder.layer.1.attention.self.{n}" for n in ("key", "query", "value")]
+    assert adapted(model) == [
+        "bert.encoder.layer.1.attention.output.LayerNorm",
+        *(f"bert.encoder.layer.1.attention.self.{n}" for n in ("key", "query", "value")),
+        "bert.encoder.layer.1.output.LayerNorm",
+    ]
+    model = get_peft_model(tiny_bert(), BitFitConfig(exclude_modules=r".*LayerNorm", task_type="SEQ_CLS"))
+    assert not any(path.endswith("LayerNorm") for path in adapted(model))
     model = get_peft_model(
         tiny_gpt2(), BitFitConfig(target_modules=r".*\.h\.0\..*\.c_proj", train_layer_norm=True)
     )
@@ -167,16 +187,18 @@ def unwrapped_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def test_merge_folds_the_offsets_into_biases_and_unmerge_takes_them_out():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_merge_folds_the_offsets_into_biases_and_unmerge_takes_them_out(layer_norm):
     base = tiny_gpt2()
     before = unwrapped_parameters(base)
-    model = randomize_trainable(get_peft_model(base, BitFitConfig(train_layer_norm=True)))
+    model = randomize_trainable(get_peft_model(base, BitFitConfig(train_layer_norm=layer_norm)))
     offsets = {
         f"{path}.{tensor.removeprefix('bitfit_')}": p.detach().clone()
         for path, layer in model.adapter_layers()
         for tensor, p in layer.adapter_parameters("default")
     }
-    assert len(offsets) == 4 * 2 + 5 * 2  # four bias layers per block; five LayerNorms with weight and bias
+    # four bias layers per block; five LayerNorms with their bias, and their weight with train_layer_norm
+    assert len(offsets) == 4 * 2 + 5 * (2 if layer_norm else 1)
     unmerged = logits(model)
     model.merge_adapter()
     torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=1e-5)
@@ -263,6 +285,13 @@ def test_adapters_switch_combine_and_delete():
     torch.testing.assert_close(logits(model), both, atol=1e-5, rtol=1e-5)
 
 
+def test_by_default_the_file_holds_the_layer_norm_bias_but_not_its_weight(tmp_path):
+    get_peft_model(tiny_plain(), BitFitConfig()).save_pretrained(tmp_path)
+    assert sorted(key.removeprefix("base_model.model.") for key in read_tensors(tmp_path)) == [
+        f"{path}.bitfit_bias" for path in ("conv", "fc1", "fc2", "head", "norm")
+    ]
+
+
 def test_saved_file_holds_only_the_offsets_under_clear_names(tmp_path):
     model = randomize_trainable(get_peft_model(tiny_plain(), BitFitConfig(train_layer_norm=True)))
     out = logits(model)
@@ -339,14 +368,21 @@ def test_a_named_target_that_is_no_bias_layer_is_refused():
         get_peft_model(tiny_bert(), BitFitConfig(target_modules=r".*layer\.0\.attention\.self"))
 
 
-def test_a_named_layer_norm_needs_train_layer_norm():
+def test_a_named_layer_norm_trains_its_bias_and_with_train_layer_norm_its_weight():
+    model = get_peft_model(tiny_plain(), BitFitConfig(target_modules=["norm"]))
+    assert adapted(model) == ["norm"]
+    assert [name for name, _ in model.base_model.model.norm.adapter_parameters("default")] == ["bitfit_bias"]
+    model = get_peft_model(tiny_plain(), BitFitConfig(target_modules=["norm"], train_layer_norm=True))
+    assert [name for name, _ in model.base_model.model.norm.adapter_parameters("default")] == [
+        "bitfit_weight",
+        "bitfit_bias",
+    ]
+    no_bias = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, bias=False))
     with pytest.raises(
         ValueError,
-        match="matched 'norm', a LayerNorm: BitFit offsets LayerNorms .* with train_layer_norm=True",
+        match=r"matched '1', but its LayerNorm has no bias; set train_layer_norm=True to train its weight",
     ):
-        get_peft_model(tiny_plain(), BitFitConfig(target_modules=["norm"]))
-    model = get_peft_model(tiny_plain(), BitFitConfig(target_modules=["norm"], train_layer_norm=True))
-    assert adapted(model) == ["norm"]
+        get_peft_model(no_bias, BitFitConfig(target_modules=["1"]))
 
 
 def test_no_module_matched_gives_the_cores_hint():
@@ -356,17 +392,58 @@ def test_no_module_matched_gives_the_cores_hint():
         get_peft_model(tiny_bert(), BitFitConfig(target_modules=["qeury"]))
 
 
-def test_a_model_without_biases_says_there_is_nothing_to_train():
+def test_a_model_without_biases_says_there_is_nothing_to_train_and_what_would():
     with pytest.raises(ValueError) as info:
         get_peft_model(tiny_llama(), BitFitConfig())
+    assert type(info.value).__name__ == "TargetModulesError"
     assert str(info.value) == (
-        "BitFitConfig(target_modules=None) found nothing to train in LlamaForCausalLM: it has no Linear, "
-        "Conv1d/2d/3d and transformers' Conv1D layers that have a bias among the modules in scope "
-        "(outside exclude_modules and modules_to_save)"
+        "BitFitConfig(target_modules=None) found nothing to train in LlamaForCausalLM: no module in scope "
+        "(outside exclude_modules and modules_to_save) has a bias, and BitFit trains biases only; a model "
+        "without biases (Llama, Mistral and T5 have none) needs a method that adapts weights, such as LoRA"
     )
+    # Llama's RMSNorms are no LayerNorms: train_layer_norm finds nothing either
+    with pytest.raises(ValueError, match="no module in scope .* has a bias, and BitFit trains biases only"):
+        get_peft_model(tiny_llama(), BitFitConfig(train_layer_norm=True))
+    bias_free_norms = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4, bias=False))
+    with pytest.raises(
+        ValueError, match=r"; its LayerNorms have a weight: set train_layer_norm=True to train those$"
+    ):
+        get_peft_model(bias_free_norms, BitFitConfig())
+    model = get_peft_model(bias_free_norms, BitFitConfig(train_layer_norm=True))
+    assert model.get_nb_trainable_parameters()[0] == 4
+    # a LayerNorm's bias is a bias: it trains by default, its weight with train_layer_norm
     only_norms = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4))
-    with pytest.raises(ValueError, match=r"; it has LayerNorms: set train_layer_norm=True to train those$"):
-        get_peft_model(only_norms, BitFitConfig())
+    assert get_peft_model(only_norms, BitFitConfig()).get_nb_trainable_parameters()[0] == 4
     assert (
         get_peft_model(only_norms, BitFitConfig(train_layer_norm=True)).get_nb_trainable_parameters()[0] == 8
     )
+
+
+def test_all_linear_without_biased_linear_layers_points_to_the_default():
+    only_norms = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4), nn.Linear(4, 4, bias=False))
+    with pytest.raises(ValueError) as info:
+        get_peft_model(only_norms, BitFitConfig(target_modules="all-linear"))
+    assert str(info.value).endswith(
+        "none of the modules target_modules selects (outside exclude_modules and modules_to_save) has a bias; "
+        "target_modules=None offsets every bias BitFit can, LayerNorms' included"
+    )
+
+
+def test_an_adapter_saved_without_layer_norm_biases_names_the_missing_tensor_and_loads_with_a_config(
+    tmp_path,
+):
+    """What 0.1 saved for BitFitConfig(): no LayerNorm offsets. The config it wrote now implies them."""
+    model = randomize_trainable(get_peft_model(tiny_bert(), BitFitConfig(exclude_modules=r".*LayerNorm")))
+    out = logits(model)
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    written = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**written, "exclude_modules": None}))
+    with pytest.raises(
+        AdapterLoadError, match=r"no tensor 'base_model\.model\.bert\.embeddings\.LayerNorm\."
+    ):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    loaded = PeftModel.from_pretrained(
+        tiny_bert(), tmp_path, config=BitFitConfig(exclude_modules=r".*LayerNorm")
+    )
+    assert torch.equal(logits(loaded), out)

@@ -1,5 +1,6 @@
-"""BitFit against peftkit's conformance kit: Linear (BERT, plain), Conv1D (GPT-2) and Conv1d layers,
-with and without LayerNorm offsets. Llama is left out: its tiny model has no bias anywhere."""
+"""BitFit against peftkit's conformance kit: Linear (BERT, plain), Conv1D (GPT-2) and Conv1d layers and
+LayerNorm biases, with and without LayerNorm weight offsets. Llama is left out: its tiny model has no
+bias anywhere."""
 
 from __future__ import annotations
 
