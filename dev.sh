@@ -2,8 +2,9 @@
 # peftkit's developer entry point. Needs only python3 (3.10 or newer); everything else it installs.
 #
 #   ./dev.sh quickstart   set up .venv, then fine-tune MiniLM-L6 with LoRA (examples/quickstart.py)
-#   ./dev.sh test         set up .venv, then: ruff; pytest (tests/, plugins/*/tests, examples/third_party/*/tests);
-#                         build each package's wheel and try peftkit + peftkit-lora alone in a fresh venv; the docs
+#   ./dev.sh test         set up .venv, then: ruff; pytest (tests/, plugins/*/tests, examples/third_party/*/tests),
+#                         and its numerics-sensitive tests again under torch's generic CPU kernels; build each
+#                         package's wheel and try peftkit + peftkit-lora alone in a fresh venv; the docs
 #   ./dev.sh setup        only set up .venv
 #
 # .venv is created in the repository and reused: the install is skipped while constraints.txt, the
@@ -33,7 +34,7 @@ say() { printf '\n==> %s  [%ss]\n' "$*" "$((SECONDS - START))"; }
 die() { printf 'dev.sh: %s\n' "$*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 find_python() {
@@ -113,30 +114,55 @@ run_ruff() {
     "$VENV/bin/ruff" check --output-format=concise "$ROOT"
 }
 
-run_pytest() {
-    local paths=() dir status log
-    [[ -d "$ROOT/tests" ]] && paths+=("tests")
+test_paths() {
+    local dir
+    [[ -d "$ROOT/tests" ]] && echo "tests"
     for dir in "$ROOT"/plugins/*/tests "$ROOT"/examples/third_party/*/tests; do
-        [[ -d "$dir" ]] && paths+=("${dir#"$ROOT"/}")
+        [[ -d "$dir" ]] && echo "${dir#"$ROOT"/}"
     done
-    say "pytest ${paths[*]:-(no test folders)}"
+    return 0
+}
+
+cpu_kernels() { # which of torch's CPU kernel sets runs, as torch reports it
+    "$VPY" -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'
+}
+
+# pytest_pass NAME [pytest args...]: one pytest run over every test folder, its closing line kept
+pytest_pass() {
+    local name="$1" paths=() status log
+    shift
+    while IFS= read -r dir; do paths+=("$dir"); done < <(test_paths)
     if [[ ${#paths[@]} -eq 0 ]]; then
         echo "no test folders: tests/ and plugins/*/tests are all missing" >&2
         return 1
     fi
-    log="$WORK/pytest.log"
+    log="$WORK/$name.log"
     # importlib import mode: test files of different packages may share a name.
     set +e
-    "$VPY" -m pytest -p no:cacheprovider --import-mode=importlib --durations=10 \
-        "$([[ -t 1 ]] && echo --color=yes || echo --color=no)" "${paths[@]}" 2>&1 | tee "$log"
+    "$VPY" -m pytest -p no:cacheprovider --import-mode=importlib \
+        "$([[ -t 1 ]] && echo --color=yes || echo --color=no)" "$@" "${paths[@]}" 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     set -e
-    # pytest's closing line, printed again as the last line of the run
-    sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^=+ .* =+$' | tail -n 1 >"$WORK/pytest-summary" || true
+    # pytest's closing line, printed again at the end of the run
+    sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^=+ .* =+$' | tail -n 1 >"$WORK/$name-summary" || true
     if [[ $status -eq 5 ]]; then
         echo "pytest collected no tests (exit 5): that is a failure here" >&2
     fi
     return "$status"
+}
+
+run_pytest() {
+    say "pytest $(test_paths | tr '\n' ' ')(torch's CPU kernels: $(cpu_kernels))"
+    pytest_pass pytest --durations=10
+}
+
+# The numerics-sensitive tests once more under torch's generic CPU kernels (no AVX2, AVX512 or AMX
+# code paths): the conformance kit and the tests marked `numerics` (PEFT interop, merge exactness, the
+# fused LoRA node). A property that holds under one CPU's kernels only is a bug in the code or in it.
+run_pytest_generic_kernels() {
+    export ATEN_CPU_CAPABILITY=default
+    say "pytest -m 'peftkit_conformance or numerics' under torch's CPU kernels: $(cpu_kernels)"
+    pytest_pass pytest-generic -q -m "peftkit_conformance or numerics"
 }
 
 run_packaging() {
@@ -235,7 +261,7 @@ cmd_test() {
     local stage status summary
     # Every stage runs, even after a failure, so one run shows every problem. Each runs in a subshell
     # with errexit on (a function called as `f || ...` would run with errexit silently off).
-    for stage in ruff pytest packaging docs; do
+    for stage in ruff pytest pytest_generic_kernels packaging docs; do
         set +e
         (
             set -e
@@ -245,14 +271,15 @@ cmd_test() {
         set -e
         record "$stage" "$status"
     done
-    summary="$(cat "$WORK/pytest-summary" 2>/dev/null || true)"
+    summary="$(for name in pytest pytest-generic; do sed "s/^/$name: /" "$WORK/$name-summary" 2>/dev/null; done || true)"
     echo
     if [[ ${#FAILED[@]} -gt 0 ]]; then
         printf 'dev.sh test: FAILED after %ss: %s\n' "$((SECONDS - START))" "${FAILED[*]}" >&2
         [[ -z "$summary" ]] || echo "$summary"
         exit 1
     fi
-    printf 'dev.sh test: ruff, pytest, packaging and docs all passed in %ss\n' "$((SECONDS - START))"
+    printf 'dev.sh test: ruff, pytest (twice: as is and on generic CPU kernels), packaging and docs all passed in %ss\n' \
+        "$((SECONDS - START))"
     echo "$summary"
 }
 

@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from peftkit import LoraConfig, exact_unmerge, get_peft_model
 from torch import nn
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BITS = {2: torch.int16, 4: torch.int32}
 

@@ -14,6 +14,8 @@ from peftkit.testing.models import tiny_bert, tiny_gpt2, tiny_llama
 from peftkit_adalora import AdaLoraConfig
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 CASES = {

@@ -14,6 +14,8 @@ from peftkit.testing.models import randomize_trainable, tiny_llama, tiny_plain
 from peftkit_lokr import LoKrConfig
 from torch import nn
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

@@ -11,6 +11,8 @@ import torch
 from peftkit.testing.models import randomize_trainable, tiny_gpt2, tiny_llama, tiny_plain
 from peftkit_lora import LoraConfig, dora
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 CASES = {

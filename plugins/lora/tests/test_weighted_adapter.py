@@ -12,6 +12,8 @@ from peftkit import AdapterNameError, ConfigError
 from peftkit.testing.models import randomize_trainable, tiny_llama, tiny_plain
 from peftkit_lora import LoraConfig
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 KWARGS = {
     "cat": {},

@@ -12,6 +12,8 @@ import torch
 from peftkit.testing.models import randomize_trainable, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from peftkit_prefix_tuning import PrefixTuningConfig
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

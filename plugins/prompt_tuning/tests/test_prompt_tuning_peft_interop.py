@@ -14,6 +14,8 @@ from peftkit.testing.models import randomize_trainable, tiny_bert, tiny_gpt2, ti
 from peftkit_prompt_tuning import PromptTuningConfig
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

@@ -18,6 +18,8 @@ from peftkit.testing.models import randomize_trainable, tiny_gpt2, tiny_llama
 from peftkit_vera import VeraConfig
 from safetensors import safe_open
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 CASES = {
