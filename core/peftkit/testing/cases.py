@@ -175,3 +175,19 @@ def _probe(device: str, dtype: torch.dtype) -> None:
     h = torch.softmax(layers["norm"](layers["linear"](h)) @ h.transpose(1, 2), dim=-1)
     h = nn.functional.scaled_dot_product_attention(h, h, h)
     h.float().square().sum().backward()
+
+
+@functools.cache
+def autocast_dtypes(device: str) -> tuple[str, ...]:
+    """The low-precision dtypes ``torch.autocast`` runs a forward and backward in on the device."""
+    if not torch.amp.is_autocast_available(device):
+        return ()
+    out = []
+    for name in ("bfloat16", "float16"):
+        try:
+            with torch.autocast(device, dtype=DTYPES[name]):
+                _probe(device, torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError):
+            continue
+        out.append(name)
+    return tuple(out)

@@ -61,6 +61,15 @@ DEFAULT_TOLERANCES: dict[str, dict[str, Tolerance]] = {
         "bfloat16": Tolerance(atol=0.0, rtol=2e-2),
         "float16": Tolerance(atol=0.0, rtol=2e-3),
     },
+    # the loss and each adapter gradient of a training step under torch.autocast (keyed by the autocast
+    # dtype) against the float32 step's, in norm (see norm_difference). The bound is 128 units of
+    # roundoff u of the autocast dtype (u = 2^-9 in bfloat16, 2^-12 in float16): the worst tensor over
+    # 60 draws of each of the kit's methods was 72u in bfloat16 and 78u in float16, and 200 draws each,
+    # under AVX512 and under generic CPU kernels, stayed inside the bound.
+    "autocast": {
+        "bfloat16": Tolerance(atol=0.0, rtol=2.0**-2),
+        "float16": Tolerance(atol=0.0, rtol=2.0**-5),
+    },
 }
 
 
@@ -112,6 +121,30 @@ def difference(
     if diff <= allowed:
         return None
     return f"max |diff| = {diff:.3g} > {allowed:.3g} allowed ({tolerance}, scale {scale:.3g})"
+
+
+def norm_difference(
+    actual: torch.Tensor, expected: torch.Tensor, tolerance: Tolerance, scale: float | None = None
+) -> str | None:
+    """None when ``‖actual − expected‖ <= atol + rtol · max(‖expected‖, scale)`` (2-norms over all
+    elements), else what differs, in words.
+
+    For results that round in every element, such as gradients under autocast, where a max-norm bound
+    would be set by the one element that cancels worst. ``scale`` is a floor for a tensor whose exact
+    value cancels toward zero, whose rounding error is then set by the magnitudes that cancelled."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return f"shapes differ: {tuple(actual.shape)} vs expected {tuple(expected.shape)}"
+    if not torch.isfinite(actual).all():
+        return "the tensor holds NaN or inf"
+    error = (actual.double() - expected.double()).norm().item()
+    norm = expected.double().norm().item()
+    reference = max(norm, scale or 0.0)
+    allowed = tolerance.atol + tolerance.rtol * reference
+    if error <= allowed:
+        return None
+    floor = f", floor {scale:.3g}" if scale else ""
+    relative = error / reference if reference else float("inf")
+    return f"‖diff‖ = {error:.3g} > {allowed:.3g} allowed ({tolerance}, ‖expected‖ {norm:.3g}{floor}; relative {relative:.3g})"
 
 
 def snapshot(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:

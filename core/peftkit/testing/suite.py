@@ -21,8 +21,10 @@ pytest then runs each property as a test, on ``cpu`` and ``cuda`` (skipped witho
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -43,7 +45,16 @@ from peftkit.method import MethodSpec
 from peftkit.model import PeftModel, get_peft_model
 from peftkit.modules_to_save import ModulesToSaveWrapper
 from peftkit.testing import profiles
-from peftkit.testing.cases import DEVICES, MODEL_KINDS, ModelCase, build_model, make_inputs, supported_dtypes
+from peftkit.testing.cases import (
+    DEVICES,
+    DTYPES,
+    MODEL_KINDS,
+    ModelCase,
+    autocast_dtypes,
+    build_model,
+    make_inputs,
+    supported_dtypes,
+)
 from peftkit.testing.checks import (
     DEFAULT_TOLERANCES,
     ConformanceError,
@@ -53,6 +64,7 @@ from peftkit.testing.checks import (
     leftovers,
     main_output,
     max_abs_diff,
+    norm_difference,
     snapshot,
 )
 
@@ -68,6 +80,8 @@ PROPERTIES: dict[str, str] = {
     "unload": "unload gives back the base model (with trained modules_to_save copies), its outputs exactly",
     "save_load": "save then load reproduces outputs exactly, and the files hold only adapter tensors",
     "training_step": "after a training step only adapter (and declared) parameters changed",
+    "autocast_training_step": "a training step under torch.autocast (bfloat16, float16) runs, and its loss and "
+    "gradients are close to float32's",
     "disable_adapter": "disable_adapter reproduces the base model's outputs exactly",
     "multiple_adapters": "adding, switching and deleting adapters leaves the others untouched",
 }
@@ -99,13 +113,21 @@ class Example:
     prints the exact draw that broke the property.
     """
 
-    def __init__(self, suite: ConformanceSuite, prop: str, draw: Callable[..., Any], device: str) -> None:
+    def __init__(
+        self,
+        suite: ConformanceSuite,
+        prop: str,
+        draw: Callable[..., Any],
+        device: str,
+        model_dtypes: tuple[str, ...] | None = None,
+    ) -> None:
         self.suite, self.prop, self.draw, self.device = suite, prop, draw, device
         kind = draw(st.sampled_from(suite.model_kinds), label="model kind")
         hidden = draw(st.sampled_from(MODEL_KINDS[kind].hidden_sizes), label="hidden size")
-        dtypes = [d for d in suite.dtypes if d in supported_dtypes(device)]
+        allowed = suite.dtypes if model_dtypes is None else model_dtypes
+        dtypes = [d for d in allowed if d in supported_dtypes(device)]
         if not dtypes:
-            raise ConformanceError(f"none of the suite's dtypes {suite.dtypes} runs on {device}")
+            raise ConformanceError(f"none of the dtypes {allowed} runs on {device}")
         dtype = draw(st.sampled_from(dtypes), label="dtype")
         base_seed = draw(st.integers(0, 3), label="base model seed")
         self.case = ModelCase.of(kind, hidden, dtype, device, base_seed)
@@ -268,7 +290,8 @@ class ConformanceSuite:
         True when a fresh adapter leaves outputs unchanged (LoRA, IA3); False for methods that change
         them from the start (prompt tuning): the kit then checks that outputs do change.
     ``tolerances``
-        ``{comparison: {dtype: Tolerance}}``, see :data:`peftkit.testing.DEFAULT_TOLERANCES`. Override
+        ``{comparison: {dtype: Tolerance}}``, see :data:`peftkit.testing.DEFAULT_TOLERANCES` (the
+        comparisons: "identity", "merge", "unmerge", and "autocast", keyed by the autocast dtype). Override
         per entry: ``tolerances = {**ConformanceSuite.tolerances, "merge": {..., "bfloat16": Tolerance(...)}}``.
     ``weight_scales``
         ``{dtype: stds}`` (or one tuple for every dtype): the standard deviations the kit draws from when it fills an adapter with
@@ -384,15 +407,21 @@ class ConformanceSuite:
         return profiles.chosen_settings(profile, examples)
 
     def run_property(
-        self, prop: str, check: Callable[[Example], None], device: str, settings: Settings
+        self,
+        prop: str,
+        check: Callable[[Example], None],
+        device: str,
+        settings: Settings,
+        model_dtypes: tuple[str, ...] | None = None,
     ) -> None:
-        """Run ``check`` on examples drawn by hypothesis under ``settings``."""
+        """Run ``check`` on examples drawn by hypothesis under ``settings`` (models in ``model_dtypes``,
+        by default the suite's ``dtypes``)."""
         if not self.method:
             raise ConformanceError(f"{type(self).__name__} sets no 'method': name the method under test")
         suite = self
 
         def run(data: Any) -> None:
-            check(Example(suite, prop, data.draw, device))
+            check(Example(suite, prop, data.draw, device, model_dtypes))
 
         run.__name__ = prop
         run.__qualname__ = f"{type(self).__qualname__}.test_{prop}[{device}]"
@@ -688,6 +717,91 @@ class ConformanceSuite:
         ex.check(
             bool(changed), "the training step changed no adapter parameter (no gradient reaches the adapter)"
         )
+
+    @conformance
+    def test_autocast_training_step(self, device: str, peftkit_settings: Settings) -> None:
+        if not autocast_dtypes(device):
+            pytest.skip(f"torch.autocast runs neither bfloat16 nor float16 on {device} here")
+        self.run_property(
+            "autocast_training_step",
+            self.check_autocast_training_step,
+            device,
+            peftkit_settings,
+            model_dtypes=("float32",),
+        )
+
+    def check_autocast_training_step(self, ex: Example) -> None:
+        """A float32 model (as mixed precision trains one) takes the same step in float32 and under
+        ``torch.autocast``, from the same random state, so dropout drops the same elements in both."""
+        amp = ex.draw(st.sampled_from(autocast_dtypes(ex.device)), label="autocast dtype")
+        peft_model = ex.peft_model()
+        peft_model.train()
+        params = adapter_parameters(peft_model, FIRST)
+        step_seed = ex.draw(st.integers(0, 2**16), label="step seed")
+        loss, grads = self._loss_and_grads(ex, peft_model, params, step_seed, None)
+        # float16 training scales the loss up first (torch.amp.GradScaler), else small gradients
+        # underflow float16's range: the largest power of two up to 2^16 whose gradients stay finite
+        scale = 2.0**16 if amp == "float16" else 1.0
+        where = f"under torch.autocast({ex.device!r}, dtype=torch.{amp})"
+        while True:
+            try:
+                amp_loss, amp_grads = self._loss_and_grads(
+                    ex, peft_model, params, step_seed, DTYPES[amp], scale
+                )
+            except Exception as exc:  # the property is that it runs: say so, with the error
+                ex.fail(f"the training step {where} raised {type(exc).__name__}: {exc}")
+            if scale <= 1 or all(torch.isfinite(grad).all() for grad in amp_grads.values()):
+                break
+            scale /= 2
+        note(f"loss scale under autocast: {scale:g}")
+        tolerance = self.tolerance("autocast", amp)
+        ex.check(bool(torch.isfinite(amp_loss)), f"the loss {where} is not finite: {amp_loss.item()}")
+        problem = norm_difference(amp_loss, loss, tolerance)
+        if problem:
+            ex.fail(f"the loss {where} against float32's: {problem} [tolerance 'autocast' for {amp}]")
+        # A tensor whose gradient cancels toward zero (a key projection's bias: softmax ignores a shift)
+        # rounds by the magnitudes that cancelled: it is held to its share of the whole adapter's
+        # gradient, ‖G‖ · √(its elements / all elements), where that is more than its own norm.
+        whole = math.sqrt(sum(grad.double().norm().item() ** 2 for grad in grads.values()))
+        elements = sum(grad.numel() for grad in grads.values())
+        for pid, (name, param) in params.items():
+            if pid not in grads:
+                continue  # the float32 step gives it no gradient either (an adapter the inputs never reach)
+            grad = amp_grads.get(pid)
+            if grad is None:
+                ex.fail(f"no gradient reached {name} {where}, though one does in float32")
+            ex.check(
+                grad.dtype == param.dtype,
+                f"the gradient of {name} {where} is {grad.dtype}, not its parameter's {param.dtype}",
+            )
+            problem = norm_difference(grad, grads[pid], tolerance, whole * math.sqrt(grad.numel() / elements))
+            if problem:
+                ex.fail(
+                    f"the gradient of {name} {where} against float32's: {problem} [tolerance 'autocast' for {amp}]"
+                )
+
+    def _loss_and_grads(
+        self,
+        ex: Example,
+        peft_model: PeftModel,
+        params: dict[int, tuple[str, nn.Parameter]],
+        seed: int,
+        amp: torch.dtype | None,
+        loss_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The loss and the adapter's gradients (by parameter id) of one step from RNG state ``seed``."""
+        for _, param in params.values():
+            param.grad = None
+        torch.manual_seed(seed)
+        with torch.autocast(ex.device, dtype=amp) if amp is not None else contextlib.nullcontext():
+            loss = self.loss(peft_model(**ex.inputs))
+        (loss * loss_scale).backward()
+        grads = {
+            pid: param.grad.detach() / loss_scale
+            for pid, (_, param) in params.items()
+            if param.grad is not None
+        }
+        return loss.detach().float(), grads
 
     @conformance
     def test_disable_adapter(self, device: str, peftkit_settings: Settings) -> None:

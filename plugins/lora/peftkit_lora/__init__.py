@@ -3,5 +3,5 @@
 from peftkit_lora.config import LoraConfig
 from peftkit_lora.layer import LoraLayer
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 __all__ = ["LoraConfig", "LoraLayer", "__version__"]

@@ -13,9 +13,18 @@ backward. The gradients, with ``g`` the gradient of y' and ``u = s · g B``:
     ∂y = g,    ∂B = s · gᵀ (drop(x) Aᵀ),    ∂A = uᵀ drop(x),    ∂x = drop'(u A)
 
 where ``drop'`` applies the same mask and ``1/(1-p)`` scale as ``drop``.
+
+Under ``torch.autocast`` the node follows autocast's rule for ``addmm``: its floating inputs are cast to
+the autocast dtype first (grads flow back through the casts to the float32 adapter) and the node runs,
+forward and backward, with autocast off. Where the base output ``y`` has another dtype than the update
+(a quantized base that returns float32), the update is cast to ``y``'s dtype and added, as the plain
+path's ``y + lora.to(y.dtype)`` does. The dropout mask is drawn in the dtype the input had before the
+cast, so a run under autocast drops the same elements as the float32 run with the same seed.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -25,29 +34,85 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The kept-and-scaled mask of inverted dropout: 0 or 1/(1-p), the same for the same seed."""
+def dropout_mask(
+    like: torch.Tensor, p: float, seed: int, draw_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The kept-and-scaled mask of inverted dropout: 0 or 1/(1-p), the same for the same seed.
+
+    Drawn in ``draw_dtype`` (default: ``like``'s), then given ``like``'s dtype."""
     generator = torch.Generator(device=like.device).manual_seed(seed)
-    keep = torch.empty_like(like).bernoulli_(1 - p, generator=generator)
-    return keep.div_(1 - p)
+    keep = torch.empty(like.shape, dtype=draw_dtype or like.dtype, device=like.device)
+    keep.bernoulli_(1 - p, generator=generator).div_(1 - p)
+    return keep.to(like.dtype)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on this device type, or None where it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def compute_dtype(
+    x: torch.Tensor, lora_a: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.dtype | None:
+    """The dtype the node computes in, or None where it cannot run as the plain path would.
+
+    Under autocast: autocast's dtype, to which every input is cast. Otherwise the input, the adapter
+    (and the base weight, where the node computes the base output too) must share one dtype: the plain
+    path would cast the input to the adapter's dtype, which the node does not."""
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:
+        return cast
+    dtypes = {x.dtype, lora_a.dtype} | ({weight.dtype} if weight is not None else set())
+    return x.dtype if len(dtypes) == 1 else None
+
+
+def _autocast_off(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """As autocast casts an input: floating tensors other than float64 take the autocast dtype."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype in (dtype, torch.float64):
+        return tensor
+    return tensor.to(dtype)
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
-def _down(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _down(
+    x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int, draw_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` as rows, and ``drop(x) Aᵀ``."""
     rows = _rows(x)
-    dropped = rows * dropout_mask(rows, p, seed) if p > 0 else rows
+    dropped = rows * dropout_mask(rows, p, seed, draw_dtype) if p > 0 else rows
     return rows, dropped @ lora_a.t()
 
 
+def _add_update(
+    result: torch.Tensor, down: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``result + scaling · down Bᵀ`` as rows: one ``addmm`` where the dtypes agree, else the update is
+    computed in the adapter's dtype and cast to ``result``'s, as the plain path does."""
+    rows = _rows(result)
+    if rows.dtype == down.dtype:
+        return torch.addmm(rows, down, lora_b.t(), alpha=scaling)
+    return rows + (down @ lora_b.t()).mul_(scaling).to(rows.dtype)
+
+
 def _lora_backward(ctx, grad, x, down, lora_a, lora_b, needs_x: bool, needs_a: bool, needs_b: bool):
-    """The gradient as rows ``g``, the gradient reaching ``x`` through the adapter (``drop'(u A)``), ∂A and ∂B."""
+    """The gradient as rows ``g``, the gradient reaching ``x`` through the adapter (``drop'(u A)``), ∂A and ∂B.
+
+    ``g`` keeps the output's dtype; the adapter's products run in the adapter's."""
     g = _rows(grad)
-    up = (g @ lora_b).mul_(ctx.scaling)
-    mask = dropout_mask(_rows(x), ctx.p, ctx.seed) if ctx.p > 0 else None
+    g_adapter = g.to(down.dtype)
+    up = (g_adapter @ lora_b).mul_(ctx.scaling)
+    mask = dropout_mask(_rows(x), ctx.p, ctx.seed, ctx.draw_dtype) if ctx.p > 0 else None
     through = grad_a = grad_b = None
     if needs_x:
         through = up @ lora_a
@@ -56,48 +121,54 @@ def _lora_backward(ctx, grad, x, down, lora_a, lora_b, needs_x: bool, needs_a: b
     if needs_a:
         grad_a = up.t() @ (_rows(x) * mask if mask is not None else _rows(x))
     if needs_b:
-        grad_b = (g.t() @ down).mul_(ctx.scaling)
+        grad_b = (g_adapter.t() @ down).mul_(ctx.scaling)
     return g, through, grad_a, grad_b
 
 
 class LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, x, lora_a, lora_b, scaling: float, p: float, seed: int):
-        _, down = _down(x, lora_a, p, seed)
-        out = torch.addmm(_rows(result), down, lora_b.t(), alpha=scaling)
+    def forward(ctx, result, x, lora_a, lora_b, scaling: float, p: float, seed: int, draw_dtype=None):
+        _, down = _down(x, lora_a, p, seed, draw_dtype)
+        out = _add_update(result, down, lora_b, scaling)
         ctx.save_for_backward(x, down, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.scaling, ctx.p, ctx.seed, ctx.draw_dtype = scaling, p, seed, draw_dtype
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx, grad):
         x, down, lora_a, lora_b = ctx.saved_tensors
-        g, through, grad_a, grad_b = _lora_backward(ctx, grad, x, down, lora_a, lora_b, *ctx.needs_input_grad[1:4])
+        with _autocast_off(grad.device.type):
+            g, through, grad_a, grad_b = _lora_backward(
+                ctx, grad, x, down, lora_a, lora_b, *ctx.needs_input_grad[1:4]
+            )
         grad_x = through.view(x.shape) if through is not None else None
         # the base layer's backward reads the same gradient as 2-D rows: hand it the rows made here (a
         # copy when the gradient came through a transposed view, as q, k and v's do) so it needs none
-        return g.view(grad.shape), grad_x, grad_a, grad_b, None, None, None
+        return g.view(grad.shape), grad_x, grad_a, grad_b, None, None, None, None
 
 
 class LinearWithLora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int):
-        rows, down = _down(x, lora_a, p, seed)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int, draw_dtype=None):
+        rows, down = _down(x, lora_a, p, seed, draw_dtype)
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         out.addmm_(down, lora_b.t(), alpha=scaling)
         # the base weight is needed only to pass the gradient on to x (the first layer's x needs none)
         ctx.save_for_backward(x, down, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        ctx.scaling, ctx.p, ctx.seed, ctx.draw_dtype = scaling, p, seed, draw_dtype
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         x, down, weight, lora_a, lora_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        g, through, grad_a, grad_b = _lora_backward(ctx, grad, x, down, lora_a, lora_b, needs[0], needs[3], needs[4])
-        grad_x = torch.addmm(through, g, weight).view(x.shape) if through is not None else None
-        grad_bias = g.sum(0) if needs[2] else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+        with _autocast_off(grad.device.type):
+            g, through, grad_a, grad_b = _lora_backward(
+                ctx, grad, x, down, lora_a, lora_b, needs[0], needs[3], needs[4]
+            )
+            grad_x = torch.addmm(through, g, weight).view(x.shape) if through is not None else None
+            grad_bias = g.sum(0) if needs[2] else None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def linear_with_lora(
@@ -109,10 +180,19 @@ def linear_with_lora(
     scaling: float,
     p: float = 0.0,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + scaling · lora_b(lora_a(dropout_p(x)))``; ``weight`` must be frozen."""
+    """``F.linear(x, weight, bias) + scaling · lora_b(lora_a(dropout_p(x)))``; ``weight`` must be frozen.
+
+    Callers check :func:`compute_dtype` first (with ``weight``): it must not be None."""
     if weight.requires_grad:
         raise ValueError("linear_with_lora computes no gradient for the base weight: it must be frozen")
-    return LinearWithLora.apply(x, weight, bias, lora_a, lora_b, scaling, p, new_seed() if p > 0 else 0)
+    seed = new_seed() if p > 0 else 0
+    cast = autocast_dtype(x.device.type)
+    if cast is None:
+        return LinearWithLora.apply(x, weight, bias, lora_a, lora_b, scaling, p, seed, None)
+    draw_dtype = x.dtype
+    inputs = [_cast(t, cast) for t in (x, weight, bias, lora_a, lora_b)]
+    with _autocast_off(x.device.type):
+        return LinearWithLora.apply(*inputs, scaling, p, seed, draw_dtype)
 
 
 def lora_linear(
@@ -123,7 +203,15 @@ def lora_linear(
     scaling: float,
     p: float = 0.0,
 ) -> torch.Tensor:
-    """``result + scaling · lora_b(lora_a(dropout_p(x)))`` for 2-D ``lora_a``/``lora_b`` weights."""
-    if not torch.is_grad_enabled() and p == 0:
-        return torch.addmm(_rows(result), _rows(x) @ lora_a.t(), lora_b.t(), alpha=scaling).view(result.shape)
-    return LoraLinear.apply(result, x, lora_a, lora_b, scaling, p, new_seed() if p > 0 else 0)
+    """``result + scaling · lora_b(lora_a(dropout_p(x)))`` for 2-D ``lora_a``/``lora_b`` weights.
+
+    Callers check :func:`compute_dtype` first: it must not be None. ``result`` may have another dtype."""
+    cast = autocast_dtype(x.device.type)
+    draw_dtype = None
+    if cast is not None:
+        draw_dtype, (x, lora_a, lora_b) = x.dtype, [_cast(t, cast) for t in (x, lora_a, lora_b)]
+    with _autocast_off(x.device.type) if cast is not None else contextlib.nullcontext():
+        if not torch.is_grad_enabled() and p == 0:
+            return _add_update(result, _rows(x) @ lora_a.t(), lora_b, scaling).view(result.shape)
+        seed = new_seed() if p > 0 else 0
+        return LoraLinear.apply(result, x, lora_a, lora_b, scaling, p, seed, draw_dtype)

@@ -188,7 +188,7 @@ class LoraLayer(AdapterLayer):
                 )
                 lora = (after_a @ b.T) * self.scaling[name]
                 h = None
-            elif self._fuses(name, x, result):
+            elif self._fuses(name, x):
                 result = fused.lora_linear(
                     result,
                     x,
@@ -225,7 +225,8 @@ class LoraLayer(AdapterLayer):
 
     def _fuses_with_base(self, x: torch.Tensor) -> str | None:
         """The one pending adapter, where its node can compute the base output too: the base is a bare
-        ``nn.Linear`` (no hooks that its own call would run) with a frozen weight, and one dtype throughout."""
+        ``nn.Linear`` (no hooks that its own call would run) with a frozen weight, and one dtype throughout
+        (or autocast on, which casts every input to its dtype)."""
         if self.disabled or self.row_adapters is not None or not self.use_fused_linear:
             return None
         base = self.base_layer
@@ -297,14 +298,15 @@ class LoraLayer(AdapterLayer):
         dropout = self.lora_dropout[name]
         return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
-    def _fuses(self, name: str, x: torch.Tensor, result: torch.Tensor) -> bool:
-        """Whether the fused node computes exactly what the plain modules would: a linear layer, no DoRA,
-        and one dtype throughout (the plain path casts ``x`` to the adapter's dtype and back)."""
+    def _fuses(self, name: str, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> bool:
+        """Whether the fused node computes what the plain modules would: a linear layer, no DoRA, and a
+        dtype the node can compute in (see :func:`peftkit_lora.fused.compute_dtype`; ``base_weight`` when
+        the node is to compute the base output too)."""
         return (
             self.use_fused_linear
             and self.features.kind == LINEAR
             and name not in self.lora_magnitude_vector
-            and x.dtype == result.dtype == self.lora_A[name].weight.dtype
+            and fused.compute_dtype(x, self.lora_A[name].weight, base_weight) is not None
         )
 
     def _dora_output(

@@ -11,6 +11,8 @@ from peftkit.testing.models import tiny_llama
 from peftkit_lora import fused
 from peftkit_lora.layer import LoraLayer
 
+pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+
 
 def plain(result, x, a, b, scaling, p, seed):
     """The plain path's math, with the fused node's mask for the same seed."""
@@ -63,7 +65,9 @@ def test_fused_node_matches_plain_math_in_value_and_gradient(
     seed=st.integers(0, 2**31),
     with_bias=st.booleans(),
 )
-def test_node_with_the_base_matches_linear_plus_lora(rows, in_features, out_features, r, scaling, p, seed, with_bias):
+def test_node_with_the_base_matches_linear_plus_lora(
+    rows, in_features, out_features, r, scaling, p, seed, with_bias
+):
     torch.manual_seed(seed)
     x = torch.randn(2, rows, in_features, dtype=torch.float64)
     weight = torch.randn(out_features, in_features, dtype=torch.float64)
@@ -79,7 +83,9 @@ def test_node_with_the_base_matches_linear_plus_lora(rows, in_features, out_feat
         fused_inputs[0], weight, fused_inputs[1], *fused_inputs[2:], scaling, p, seed
     )
     x_plain, bias_plain, a_plain, b_plain = plain_inputs
-    expected = plain(torch.nn.functional.linear(x_plain, weight, bias_plain), x_plain, a_plain, b_plain, scaling, p, seed)
+    expected = plain(
+        torch.nn.functional.linear(x_plain, weight, bias_plain), x_plain, a_plain, b_plain, scaling, p, seed
+    )
     torch.testing.assert_close(out, expected)
     upstream = torch.randn_like(expected)
     out.backward(upstream)
@@ -146,7 +152,9 @@ def test_fused_node_passes_gradcheck(p):
 
 
 def lora_llama(dropout: float):
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False
+    )
     return get_peft_model(tiny_llama(seed=0), config).train()
 
 
@@ -223,3 +231,87 @@ def test_bare_linear_bases_run_in_the_node_with_the_base(monkeypatch):
     model = lora_llama(dropout=0.0)
     model(input_ids=torch.randint(0, 128, (1, 4))).logits.sum().backward()
     assert len(calls) == sum(1 for _, layer in model.adapter_layers() if isinstance(layer, LoraLayer))
+
+
+# --- under torch.autocast ---------------------------------------------------------------------------
+# Bounds on ‖actual − expected‖ / ‖expected‖ for two computations that each round to the autocast dtype.
+# bf16 keeps 8 significant bits (unit roundoff u = 2^-9 ≈ 2e-3), fp16 11 (u = 2^-12 ≈ 2.4e-4). A gradient
+# of a tiny Llama's adapter goes through a few dozen rounded products; measured over seeds here, the
+# worst tensor was 30u off in bf16 (0.06) and 58u in fp16 (0.014), so the bounds are 60u and 120u. A
+# wrong mask or a dropped term is off by O(1) (another dropout seed: 2.1).
+AUTOCAST_RTOL = {torch.bfloat16: 0.12, torch.float16: 0.03}
+
+
+def assert_close_in_norm(actual, expected, rtol, what):
+    error = (
+        (actual.detach().double() - expected.detach().double()).norm() / expected.detach().double().norm()
+    ).item()
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol}"
+
+
+def autocast_loss_and_grads(model, ids, dtype, seed=0):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_under_autocast_the_fused_node_trains_as_the_plain_modules(monkeypatch, dtype):
+    model = lora_llama(dropout=0.0)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    calls = []
+    original = fused.LinearWithLora.apply
+    monkeypatch.setattr(fused.LinearWithLora, "apply", lambda *args: calls.append(1) or original(*args))
+    fused_loss, fused_grads = autocast_loss_and_grads(model, ids, dtype)
+    assert calls, "the fused node did not run under autocast"
+    monkeypatch.setattr(LoraLayer, "use_fused_linear", False)
+    plain_loss, plain_grads = autocast_loss_and_grads(model, ids, dtype)
+    assert fused_grads.keys() == plain_grads.keys() and fused_grads
+    assert_close_in_norm(fused_loss, plain_loss, AUTOCAST_RTOL[dtype], "loss")
+    for name in plain_grads:
+        assert fused_grads[name].dtype == torch.float32, f"{name}: the float32 adapter's gradient is float32"
+        assert_close_in_norm(fused_grads[name], plain_grads[name], AUTOCAST_RTOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_under_autocast_dropout_drops_what_the_float32_run_drops(dtype):
+    """The mask is drawn in the input's dtype before autocast's cast: the same seed, the same elements."""
+    model = lora_llama(dropout=0.5)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    model.zero_grad()
+    full_loss = model(input_ids=ids, labels=ids).loss
+    full_loss.backward()
+    full_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    amp_loss, amp_grads = autocast_loss_and_grads(model, ids, dtype, seed=11)
+    assert_close_in_norm(amp_loss, full_loss, AUTOCAST_RTOL[dtype], "loss")
+    for name in full_grads:
+        assert_close_in_norm(amp_grads[name], full_grads[name], AUTOCAST_RTOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "result_dtype", [torch.float32, None], ids=["float32-base-output", "autocast-base-output"]
+)
+def test_node_under_autocast_follows_autocasts_rules(dtype, result_dtype):
+    """Inputs cast to the autocast dtype, products in it; a base output of another dtype (a quantized base
+    returns float32) keeps its dtype and gets the update cast to it, as the plain path's ``y + lora.to(y.dtype)``."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    a = torch.randn(3, 8, requires_grad=True)
+    b = torch.randn(6, 3, requires_grad=True)
+    result = torch.randn(2, 5, 6, dtype=result_dtype or dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = fused.lora_linear(result, x, a, b, 0.5)
+        expected = result + ((x @ a.T) @ b.T * 0.5).to(result.dtype)  # matmuls autocast to `dtype`
+    assert out.dtype == result.dtype == expected.dtype
+    assert_close_in_norm(out, expected, AUTOCAST_RTOL[dtype] / 4, "output")
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (result, a, b), upstream)
+    want = torch.autograd.grad(expected, (result, a, b), upstream)
+    for name, g, w in zip(("result", "A", "B"), got, want):
+        assert g.dtype == w.dtype, name
+        assert_close_in_norm(g, w, AUTOCAST_RTOL[dtype] / 4, name)

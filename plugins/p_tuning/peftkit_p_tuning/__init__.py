@@ -3,5 +3,5 @@
 from peftkit_p_tuning.config import PromptEncoderConfig
 from peftkit_p_tuning.encoder import PromptEncoder
 
-__version__ = "0.1.1"
+__version__ = "0.1.2"
 __all__ = ["PromptEncoder", "PromptEncoderConfig", "__version__"]

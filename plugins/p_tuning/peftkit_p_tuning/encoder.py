@@ -13,6 +13,8 @@ saved (``prompt_embeddings``); a loaded adapter holds ``P`` directly, without th
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -58,13 +60,23 @@ class PromptEncoder(nn.Module):
             )
 
     def virtual_tokens(self) -> torch.Tensor:
-        """``P``: ``(total_virtual_tokens, token_dim)``."""
+        """``P``: ``(total_virtual_tokens, token_dim)``.
+
+        The encoder runs in its own dtype with ``torch.autocast`` off: it is a few small products, run
+        once per forward, and torch's CPU LSTM has no float16 kernel (under float16 autocast it fails
+        with "could not create a primitive descriptor for the LSTM forward propagation primitive")."""
         if self.mlp_head is None:
             return self.embedding.weight
-        sequence = self.embedding.weight.unsqueeze(0)  # the virtual tokens form one sequence
-        if self.lstm_head is not None:
-            sequence = self.lstm_head(sequence)[0]
-        return self.mlp_head(sequence)[0]
+        device_type = self.embedding.weight.device.type
+        with (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else nullcontext()
+        ):
+            sequence = self.embedding.weight.unsqueeze(0)  # the virtual tokens form one sequence
+            if self.lstm_head is not None:
+                sequence = self.lstm_head(sequence)[0]
+            return self.mlp_head(sequence)[0]
 
     def forward(self, batch_size: int) -> torch.Tensor:
         """The virtual tokens for a batch: ``(batch_size, total_virtual_tokens, token_dim)``."""

@@ -127,3 +127,20 @@ def test_loading_an_adapter_file_without_prompt_embeddings_fails_clearly(tmp_pat
         match=r"the adapter file has no tensor 'prompt_embeddings', which every P-tuning adapter holds",
     ):
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("encoder", ["LSTM", "MLP"])
+def test_the_encoder_trains_under_autocast_as_in_float32(dtype, encoder):
+    """The encoder runs in float32 with autocast off (torch's CPU LSTM has no float16 kernel), so its
+    virtual tokens are the float32 ones bit for bit, and a mixed-precision step trains it."""
+    model = peftkit.get_peft_model(tiny_llama(), p_tuning(encoder_reparameterization_type=encoder))
+    module = model.prompt_modules["default"]
+    tokens = module.virtual_tokens().detach()
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(module.virtual_tokens(), tokens)
+        loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
