@@ -3,5 +3,5 @@
 from peftkit_lokr.config import LoKrConfig
 from peftkit_lokr.layer import LoKrLayer, factorization
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 __all__ = ["LoKrConfig", "LoKrLayer", "__version__", "factorization"]

@@ -98,6 +98,22 @@ def kron_weight(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(rows1 * rows2, cols1 * cols2, *kernel)
 
 
+def kron_apply(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``kron(W1, W2) x`` over the last dimension of ``x``, without forming the product: each row of ``x``
+    cut into a ``b × d`` block ``X`` gives ``vec(W1 X W2ᵀ)`` (``a · c`` values).
+
+    ``X W2ᵀ`` is one ``mm`` over every block (a view of ``x``, no copy), then ``W1`` multiplies each
+    result in one ``bmm`` against ``W1`` broadcast, never copied. Both are called explicitly:
+    ``torch.matmul(W1, batch)`` would choose its kernel by whether ``W1`` *requires grad* (one folded
+    ``mm`` then, a broadcast ``bmm`` otherwise, even under ``no_grad``), and the two sum in different
+    orders, so a trained adapter and the same adapter loaded frozen would differ in the last bit.
+    """
+    (a, b), (c, d) = w1.shape, w2.shape
+    right = (x.reshape(-1, d) @ w2.T).view(-1, b, c)  # (n, b, c): X W2ᵀ for every block X
+    out = torch.bmm(w1.expand(right.shape[0], a, b), right)  # (n, a, c): W1 X W2ᵀ
+    return out.view(*x.shape[:-1], a * c)
+
+
 def _kron_as_peft_conv1d(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """What PEFT 0.21 makes of a Conv1d's full W2 (c × d × k): ``torch.kron(W1, W2)``, which takes W1 as
     1 × a × b, so the result is c × (a·d) × (b·k); the layer then reshapes it to the weight's shape.
@@ -255,8 +271,7 @@ class LoKrLayer(AdapterLayer):
 
     def _linear_delta(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.w1(adapter_name), self.w2(adapter_name)
-        blocks = x.reshape(*x.shape[:-1], w1.shape[1], w2.shape[1])  # (..., b, d)
-        out = (w1 @ blocks @ w2.T).flatten(-2) * self.scaling[adapter_name]  # (..., a · c)
+        out = kron_apply(w1, w2, x) * self.scaling[adapter_name]
         if self._drops_ranks(adapter_name):
             out = out * self._rank_dropout_mask(adapter_name, out.device)
         return out
