@@ -5,6 +5,18 @@ the absmaxes themselves 8-bit quantized when double quantization (``compress_sta
 W ≈ code[q] · absmax[block]. ``Linear8bitLt`` stores int8 rows with one scale per output row:
 W ≈ CB · SCB / 127. Reading gives that approximation of W; writing quantizes a new W with the layer's
 own settings, so a merged weight picks up a fresh rounding error.
+
+On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer on its first forward in eval mode without
+grad (the *packed* layout, ``quant_state.packing_format_for_cpu``) and from then on computes every
+forward, in train mode too, through a bf16 kernel: the codes are reordered for that kernel and the
+absmaxes become one bfloat16 matrix ``(in / blocksize, out)`` (a double-quantized absmax is dequantized
+first). So the weight of a packed layer is code[q] · bf16(absmax), within 2⁻⁸ relative of the weight
+before packing, block by block; the kernel computes with it in bf16 (docs/quantization.md says what
+that does to outputs). Reading a packed layer gives exactly that weight, decoded from the packed layout
+without touching the layer, so a read never changes what the layer computes next. bitsandbytes' own
+way back (``_convert_weight_packed_for_cpu_inverse``, which its ``state_dict`` calls) is not used: it
+changes the layer in place, requantizes a double-quantized absmax (moving the weight again), and leaves
+any other absmax transposed, which scrambles the blocks of a layer with more than ``blocksize`` inputs.
 """
 
 from __future__ import annotations
@@ -23,33 +35,64 @@ def is_8bit(layer: nn.Module) -> bool:
     return isinstance(layer, bnb.nn.Linear8bitLt)
 
 
-def _standard_layout(layer: bnb.nn.Linear4bit) -> tuple[torch.Tensor, bnbf.QuantState]:
-    """The codes and quant state in bitsandbytes' standard layout.
+def is_packed(layer: bnb.nn.Linear4bit) -> bool:
+    """Whether the layer's codes are in bitsandbytes' packed CPU layout (see the module docstring)."""
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
 
-    On CPUs with AVX512-BF16 an inference forward repacks the codes (and their state, in place) for a
-    faster kernel; ``dequantize_4bit`` reads only the standard layout, so undo that here as
-    bitsandbytes does before saving. The next inference forward packs them again.
+
+def _quantized_dtype(state: bnbf.QuantState) -> torch.dtype:
+    """The dtype the weight was quantized from (a packed state says bfloat16, its kernel's dtype)."""
+    if getattr(state, "packing_format_for_cpu", False):
+        return state.original_dtype
+    return state.dtype
+
+
+def _standard_codes(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
+    """The codes of a packed layer in the standard layout, two 4-bit codes per byte in row-major order.
+
+    The packed ``(out, in / 2)`` bytes hold groups of 64 codes (32 low nibbles, then 32 high ones),
+    each group a 32-row by 2-column tile of the ``(out, in)`` code matrix.
     """
-    weight = layer.weight
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
-            weight.data, weight.quant_state
-        )
-        layer.quant_state = weight.quant_state
-    return weight.data, weight.quant_state
+    rows, cols = state.shape
+    tile_rows = 32  # bitsandbytes packs with block_n=32
+    groups = packed.reshape(-1, tile_rows)
+    tiles = torch.cat([groups & 0xF, groups >> 4], dim=1)
+    codes = tiles.reshape(rows // tile_rows, cols // 2, tile_rows, 2).transpose(1, 2).reshape(-1)
+    standard = ((codes[0::2] << 4) | codes[1::2]).reshape(state.original_qshape)
+    storage = getattr(state, "original_storage_type", None)
+    return standard.view(storage) if storage is not None else standard
+
+
+def _packed_weight(layer: bnb.nn.Linear4bit) -> torch.Tensor:
+    """code[q] · bf16(absmax) from a packed layer, without changing it."""
+    state = layer.weight.quant_state
+    # the packed absmax is (in / blocksize, out); the standard order is block by block along each row
+    absmax = state.absmax.T.reshape(-1).float()
+    standard = bnbf.QuantState(
+        absmax=absmax,
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=_quantized_dtype(state),
+    )
+    return bnbf.dequantize_4bit(_standard_codes(layer.weight.data, state), standard)
 
 
 def read_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
-    """W as ``(out, in)`` in the dtype it was quantized from."""
-    codes, state = _standard_layout(layer)
-    return bnbf.dequantize_4bit(codes, state)
+    """W as ``(out, in)`` in the dtype it was quantized from: the weight the layer computes with.
+
+    For a packed layer that is the codes with the bfloat16-rounded absmaxes the packed kernel uses.
+    """
+    if is_packed(layer):
+        return _packed_weight(layer)
+    return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
 
 def write_4bit(layer: bnb.nn.Linear4bit, weight: torch.Tensor) -> None:
     """Quantize ``weight`` with the layer's quant type, block size, double quantization and storage dtype."""
     old = layer.weight
-    _, old_state = _standard_layout(layer)
-    dense = weight.detach().to(device=old.device, dtype=old_state.dtype).contiguous()
+    dense = weight.detach().to(device=old.device, dtype=_quantized_dtype(old.quant_state)).contiguous()
     codes, state = bnbf.quantize_4bit(
         dense,
         blocksize=old.blocksize,
@@ -103,7 +146,7 @@ def write_8bit(layer: bnb.nn.Linear8bitLt, weight: torch.Tensor) -> None:
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype the layer computes in: ``compute_dtype`` for 4-bit (else its quantized-from dtype), float32 for 8-bit."""
     if is_4bit(layer):
-        return layer.compute_dtype or _standard_layout(layer)[1].dtype
+        return layer.compute_dtype or _quantized_dtype(layer.weight.quant_state)
     return torch.float32
 
 

@@ -1,11 +1,16 @@
-"""QLoRA end to end: LoRA and DoRA on 4-bit (nf4, fp4, with and without double quantization) and 8-bit bases."""
+"""QLoRA end to end: LoRA and DoRA on 4-bit (nf4, fp4, with and without double quantization) and 8-bit bases.
+
+Saving and DoRA's initialisation also run over both of bitsandbytes' 4-bit CPU layouts (conftest.py).
+"""
 
 from __future__ import annotations
 
 import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from peftkit import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import load_file
 
 QUANTIZED_TYPES = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
@@ -61,3 +66,50 @@ def test_adapter_on_a_quantized_base_trains_saves_and_reloads(
     reloaded = PeftModel.from_pretrained(load_quantized(kind, device), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=tokens).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_saving_writes_the_same_adapter_and_leaves_the_base_in_either_layout(
+    load_quantized, tokens, tmp_path, pack, four_bit_kind, layout, use_dora
+):
+    model = get_peft_model(load_quantized(four_bit_kind), lora_config(use_dora))
+    train(model, tokens, steps=2)  # in train mode, so the layers stay in the standard layout
+    model.save_pretrained(tmp_path / "before")
+    if layout == "packed":
+        pack(model)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+    def snapshot():
+        return [
+            (m.weight.data.clone(), m.weight.quant_state.absmax.clone(), m.weight.quant_state) for m in layers
+        ]
+
+    before = snapshot()
+    model.save_pretrained(tmp_path / "after")
+    for (codes, absmax, state), (codes_now, absmax_now, state_now) in zip(before, snapshot()):
+        assert state_now is state and torch.equal(codes_now, codes) and torch.equal(absmax_now, absmax)
+    assert all(
+        bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) == (layout == "packed")
+        for m in layers
+    )
+    saved, expected = (
+        load_file(tmp_path / name / "adapter_model.safetensors") for name in ("after", "before")
+    )
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[key], expected[key]) for key in expected)
+
+
+def test_dora_magnitude_starts_at_the_norms_of_the_weights_the_layers_compute_with(
+    load_quantized, in_layout, four_bit_kind, layout
+):
+    base, reference = in_layout(load_quantized(four_bit_kind), layout)
+    expected = {
+        name: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).norm(dim=1)
+        for name, m in reference.named_modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    }
+    model = get_peft_model(base, lora_config(use_dora=True))
+    for name, layer in model.adapter_layers():
+        torch.testing.assert_close(
+            layer.lora_magnitude_vector["default"].detach(), expected[name], rtol=1e-6, atol=0
+        )
