@@ -24,7 +24,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peftkit import MethodSpec, PeftConfig, hookimpl, plugins
-from peftkit.cli import human_size, make_cli
+from peftkit.cli import make_cli
+from peftkit.cli.tables import human_size
 from peftkit.testing.models import tiny_llama
 from peftkit_lora import LoraConfig
 from safetensors.torch import save_file
@@ -113,31 +114,52 @@ def invoke(*args: str):
 
 
 # --- version, help, imports ------------------------------------------------------------------------
-def test_version_loads_no_plugin_and_no_torch():
+HEAVY = ("torch", "transformers", "bitsandbytes")
+
+
+def _modules_after(args: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, bool]]:
+    """Run the CLI with ``args`` in a fresh interpreter; which heavy modules (and LoRA's plugin) it imported."""
+    watched = (*HEAVY, "peftkit_lora")
     script = (
-        "import sys\n"
+        "import json, sys\n"
         "from peftkit.cli import main\n"
-        "try:\n    main(['--version'])\n"
-        "except SystemExit as exc:\n    code = exc.code\n"
-        "print(code, 'torch' in sys.modules, 'peftkit_lora' in sys.modules)\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+        f"print(json.dumps({{name: name in sys.modules for name in {watched!r}}}))\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert run.stdout.splitlines() == [f"peftkit {peftkit.__version__}", "0 False False"], run.stderr
+    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run, json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "--help"]])
+def test_help_and_version_import_neither_torch_nor_transformers_nor_bitsandbytes(args):
+    run, imported = _modules_after(args)
+    assert imported == {"torch": False, "transformers": False, "bitsandbytes": False, "peftkit_lora": False}
+    assert run.stderr == ""  # nothing on stderr: no warning of anyone's
+    if args == ["--version"]:
+        assert run.stdout.splitlines()[0] == f"peftkit {peftkit.__version__}"
+    elif args == ["--help"]:
+        assert re.search(r"^  methods +List installed methods", run.stdout, re.M)
+    else:
+        assert "Usage: peftkit inspect [OPTIONS] PATH" in run.stdout
+
+
+def test_methods_loads_the_plugins_but_neither_transformers_nor_bitsandbytes():
+    """Listing needs the plugins (and torch, which their modules import), not a model library or a backend's."""
+    run, imported = _modules_after(["methods"])
+    assert not imported["transformers"] and not imported["bitsandbytes"] and imported["peftkit_lora"]
+    assert run.stderr == ""
+    assert re.search(r"^lora +LORA +weight-delta", run.stdout, re.M)
 
 
 def test_python_dash_m_peftkit(runs):
     assert ok(runs["-m peftkit --version"]).strip() == f"peftkit {peftkit.__version__}"
 
 
-def test_builtin_command_help_loads_no_plugin():
-    script = (
-        "import sys\nfrom peftkit.cli import main\n"
-        "try:\n    main(['inspect', '--help'])\nexcept SystemExit:\n    pass\n"
-        "print('torch' in sys.modules, 'peftkit_lora' in sys.modules)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "Usage: peftkit inspect [OPTIONS] PATH" in run.stdout
-    assert run.stdout.splitlines()[-1] == "False False", run.stderr
+def test_commands_print_no_warning(runs):
+    """Every run above (methods, inspect, --version) leaves stderr empty: no third-party warning."""
+    assert {name: run.stderr for name, run in runs.items()} == {name: "" for name in runs}
 
 
 def test_help_lists_the_builtin_commands():
@@ -258,7 +280,8 @@ def test_a_plugin_that_fails_to_add_commands_is_reported_and_skipped():
         result = invoke("--help")
     assert result.exit_code == 0
     assert result.stderr.strip() == (
-        "warning: a plugin failed to add its commands and they are skipped: RuntimeError: click is too old"
+        "warning: plugin 'broken-commands' failed to add its commands and they are skipped: "
+        "RuntimeError: click is too old"
     )
     assert "methods" in result.stdout and "inspect" in result.stdout
 
@@ -368,7 +391,9 @@ def test_inspect_peft_adapter_json(runs, adapters):
 def test_inspect_peft_adapter_table(adapters):
     result = invoke("inspect", str(adapters["peft"]))
     assert result.exit_code == 0, result.output
-    assert f"  method:     LORA, method 'lora' of plugin 'lora' (peftkit-lora {LORA_VERSION})" in result.stdout
+    assert (
+        f"  method:     LORA, method 'lora' of plugin 'lora' (peftkit-lora {LORA_VERSION})" in result.stdout
+    )
     assert "  parameters: 256 in 4 tensors" in result.stdout
     assert re.search(r"^    format\s+pt$", result.stdout, re.M)
     assert re.search(r"^    peft_version\s+\"" + re.escape(peft.__version__) + '"$', result.stdout, re.M)

@@ -7,6 +7,7 @@ logits compared with the unmerged adapter's. Error messages run in-process with 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,7 +18,13 @@ import torch
 from click.testing import CliRunner
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.cli import make_cli
-from peftkit.merge_folder import is_quantized, merge_kwargs
+from peftkit.merge_folder import (
+    BNB_KERNEL_NOTICE,
+    BNB_KERNEL_NOTICE_LOGGER,
+    is_quantized,
+    merge_kwargs,
+    without_bitsandbytes_kernel_notice,
+)
 from peftkit.testing.models import randomize_trainable, tiny_llama
 from transformers import AutoModelForCausalLM
 
@@ -142,6 +149,26 @@ def test_quantized_base_is_merged_with_dequantize():
 def test_the_cores_merge_and_unload_dequantizes_into_the_dtype_asked_for():
     assert merge_kwargs(quantized=True, dtype="bf16") == {"dequantize": True, "dtype": torch.bfloat16}
     assert merge_kwargs(quantized=True) == {"dequantize": True}
+
+
+def test_bitsandbytes_kernel_notice_is_dropped_while_loading_and_nothing_else():
+    """The one bitsandbytes message peftkit drops (the end-to-end check, with bitsandbytes, is peftkit-bnb's)."""
+    logger = logging.getLogger(BNB_KERNEL_NOTICE_LOGGER)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    notice = (
+        f"{BNB_KERNEL_NOTICE}: No module named 'kernels'. Please make sure you already `pip install kernels`"
+    )
+    try:
+        with without_bitsandbytes_kernel_notice():
+            logger.warning("%s: %s", BNB_KERNEL_NOTICE, "No module named 'kernels'")
+            logger.warning("4-bit weights on an unsupported device")
+        logger.warning(notice)  # outside the block: shown again
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["4-bit weights on an unsupported device", notice]
 
 
 def test_is_quantized():

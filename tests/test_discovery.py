@@ -33,7 +33,7 @@ from peftkit.errors import PluginConflictError, UnknownMethodError
 from peftkit.testing.models import tiny_llama
 from peftkit_lora import LoraConfig
 
-TOY_PLUGIN = '''
+TOY_PLUGIN = """
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,6 +51,13 @@ class ToyConfig(PeftConfig):
 @hookimpl
 def peftkit_register_methods():
     return [MethodSpec(name="toy", config_class=ToyConfig, peft_type="TOY", family="bias-only", mergeable=False)]
+"""
+
+# the toy distribution's commands: a module of their own, named in the peftkit.commands entry-point group
+TOY_COMMANDS = '''
+import click
+
+from peftkit import hookimpl
 
 
 @hookimpl
@@ -79,13 +86,26 @@ BROKEN_WARNING = (
 )
 
 
-def fake_distribution(root: Path, dist: str, version: str, entry_name: str, module: str, source: str) -> None:
-    """An installed-looking distribution ``dist`` whose ``peftkit`` entry point ``entry_name`` is ``module``."""
+def fake_distribution(
+    root: Path,
+    dist: str,
+    version: str,
+    entry_name: str,
+    module: str | None,
+    source: str | None,
+    commands: tuple[str, str] | None = None,
+) -> None:
+    """An installed-looking distribution ``dist`` whose ``peftkit`` entry point ``entry_name`` is ``module``,
+    and whose ``peftkit.commands`` entry point of the same name is ``commands`` (module name, source)."""
     info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[peftkit]\n{entry_name} = {module}\n")
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    groups = []
+    for group, named in (("peftkit", (module, source) if module else None), ("peftkit.commands", commands)):
+        if named is not None:
+            groups.append(f"[{group}]\n{entry_name} = {named[0]}\n")
+            (root / f"{named[0]}.py").write_text(textwrap.dedent(named[1]))
+    (info / "entry_points.txt").write_text("\n".join(groups))
 
 
 FAKES = {
@@ -116,13 +136,19 @@ def site(tmp_path) -> Iterator[Path]:
     importlib.invalidate_caches()
     for _, _, module, _ in FAKES.values():
         sys.modules.pop(module, None)
+    for module, _ in FAKE_COMMANDS.values():
+        sys.modules.pop(module, None)
     plugins.reset()
+
+
+# the fakes' commands modules, by the fake's name
+FAKE_COMMANDS = {"toy": ("peftkit_toy_commands", TOY_COMMANDS)}
 
 
 def install(root: Path, *names: str) -> None:
     for name in names:
         dist, version, module, source = FAKES[name]
-        fake_distribution(root, dist, version, name, module, source)
+        fake_distribution(root, dist, version, name, module, source, FAKE_COMMANDS.get(name))
 
 
 @contextmanager
@@ -201,6 +227,20 @@ def test_a_broken_plugin_is_reported_and_lora_still_works(site):
     assert "Traceback" in entry["traceback"]
 
 
+# `peftkit --help`, then which of the heavy or plugin modules that run imported
+HELP_AND_MODULES = """
+import sys
+from peftkit.cli import main
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+watched = ("torch", "transformers", "bitsandbytes", "peftkit_lora", "peftkit_toy_plugin",
+           "peftkit_broken_plugin", "peftkit_toy_commands")
+print("imported:", sorted(name for name in watched if name in sys.modules))
+"""
+
+
 def _fake_site_runs(root: Path) -> dict[str, subprocess.CompletedProcess]:
     # only the fakes and LoRA, whatever else this environment has installed
     env = {k: v for k, v in os.environ.items() if k != BLOCK_ENV}
@@ -209,6 +249,8 @@ def _fake_site_runs(root: Path) -> dict[str, subprocess.CompletedProcess]:
     commands = {
         "methods": ([sys.executable, "-m", "peftkit", "methods"], {}),
         "toy-hello": ([sys.executable, "-m", "peftkit", "toy-hello"], {}),
+        "--help": ([sys.executable, "-c", HELP_AND_MODULES], {}),
+        "--help, toy blocked": ([sys.executable, "-c", HELP_AND_MODULES], {BLOCK_ENV: "toy"}),
     }
     started = {
         name: (
@@ -245,7 +287,54 @@ def test_installed_fake_plugins_in_a_fresh_process(site):
 
     hello = runs["toy-hello"]
     assert (hello.returncode, hello.stdout) == (0, "hello from toy\n"), hello.stderr
+
+    # --help lists the plugin's command, importing its commands module only: no method plugin, no torch
+    helped = runs["--help"]
+    assert (helped.returncode, helped.stderr) == (0, "")
+    assert re.search(r"^  toy-hello +Say hello from the toy plugin\.$", helped.stdout, re.M), helped.stdout
+    assert helped.stdout.splitlines()[-1] == "imported: ['peftkit_toy_commands']"
+    blocked = runs["--help, toy blocked"]
+    assert "toy-hello" not in blocked.stdout
+    assert blocked.stdout.splitlines()[-1] == "imported: []"
     assert methods.stdout.rstrip().endswith(f"note: {ALLOW_ENV}='lora,toy,broken' limits which plugins load")
+
+
+def test_a_commands_module_that_fails_to_import_is_reported_and_the_others_still_work(site):
+    install(site, "toy")
+    fake_distribution(
+        site,
+        "peftkit-badcmd",
+        "0.1.0",
+        "badcmd",
+        None,
+        None,
+        commands=("peftkit_badcmd_commands", "import peftkit_missing_dependency\n"),
+    )
+    with plugin_env(allow="toy,badcmd"):
+        plugins.reset()
+        result = CliRunner().invoke(make_cli(), ["--help"])
+    sys.modules.pop("peftkit_badcmd_commands", None)
+    assert result.exit_code == 0
+    assert result.stderr.strip() == (
+        "warning: peftkit command plugin 'badcmd' (peftkit-badcmd) failed to load and is skipped: "
+        "ModuleNotFoundError: No module named 'peftkit_missing_dependency'"
+    )
+    assert re.search(r"^  toy-hello +Say hello from the toy plugin\.$", result.stdout, re.M)
+    assert re.search(r"^  methods +List installed methods", result.stdout, re.M)
+
+
+def test_a_plugin_module_with_a_commands_hook_is_not_imported_for_commands(site):
+    """Commands come from the peftkit.commands group: a method plugin's own module is never imported for them."""
+    toy_with_hook = TOY_PLUGIN + TOY_COMMANDS.replace("toy-hello", "toy-inline")
+    fake_distribution(site, "peftkit-toy", "0.3.0", "toy", "peftkit_toy_plugin", toy_with_hook)
+    with plugin_env(allow="toy"):
+        plugins._host = None  # a fresh process's state: no plugin loaded yet
+        helped = CliRunner().invoke(make_cli(), ["--help"])
+        assert "peftkit_toy_plugin" not in sys.modules
+        assert "toy-inline" not in helped.stdout
+        assert plugins.methods().keys() == {"toy"}  # the plugin itself loads, for what it is for
+        # and once loaded it is still not asked: the rule does not depend on what ran before
+        assert "toy-inline" not in CliRunner().invoke(make_cli(), ["--help"]).stdout
 
 
 # --- environment control --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ __version__ = "0.3.0"
 _EXPORTS = {
     "get_peft_model": "peftkit.model",
     "PeftModel": "peftkit.model",
-    "load_config": "peftkit.model",
+    "load_config": "peftkit.serialization",
     "PeftConfig": "peftkit.config",
     "TaskType": "peftkit.config",
     "MethodSpec": "peftkit.method",

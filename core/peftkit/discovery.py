@@ -1,4 +1,5 @@
-"""Finding plugins: entry points in the ``peftkit`` group, filtered by environment, loaded fault-isolated."""
+"""Finding plugins: entry points in the ``peftkit`` group (and, for the command line, ``peftkit.commands``),
+filtered by environment, loaded fault-isolated."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 
 ENTRY_POINT_GROUP = "peftkit"
+# modules that implement only peftkit_register_commands: the CLI imports them, not the plugins, to list commands
+COMMANDS_ENTRY_POINT_GROUP = "peftkit.commands"
 BLOCK_ENV = "PEFTKIT_BLOCK_PLUGINS"  # comma-separated entry-point or distribution names never loaded
 ALLOW_ENV = "PEFTKIT_PLUGINS"  # when set, only these entry-point or distribution names load ("" loads none)
 
@@ -40,12 +43,16 @@ def _distribution(ep: EntryPoint) -> tuple[str | None, str | None]:
     return dist.metadata["Name"], dist.version
 
 
-def selected_entry_points() -> list[EntryPoint]:
-    """The group's entry points that the environment lets load, in a stable order."""
+def selected_entry_points(group: str = ENTRY_POINT_GROUP) -> list[EntryPoint]:
+    """The group's entry points that the environment lets load, in a stable order.
+
+    Both variables name entry points or distributions, so a plugin and its commands (an entry point of
+    the same name in ``peftkit.commands``) are blocked or allowed together.
+    """
     blocked = _names(os.environ.get(BLOCK_ENV, ""))
     allowed = _names(os.environ[ALLOW_ENV]) if ALLOW_ENV in os.environ else None
     chosen = []
-    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    for ep in sorted(entry_points(group=group), key=lambda e: e.name):
         names = {ep.name, _distribution(ep)[0]}
         if names & blocked:
             continue
@@ -55,10 +62,13 @@ def selected_entry_points() -> list[EntryPoint]:
     return chosen
 
 
-def load_entry_points() -> tuple[list[tuple[object, PluginOrigin]], list[PluginOrigin]]:
-    """Import each selected plugin. A failure is recorded and warned about, never raised."""
+def load_entry_points(
+    group: str = ENTRY_POINT_GROUP,
+) -> tuple[list[tuple[object, PluginOrigin]], list[PluginOrigin]]:
+    """Import each selected plugin of ``group``. A failure is recorded and warned about, never raised."""
+    kind = "command plugin" if group == COMMANDS_ENTRY_POINT_GROUP else "plugin"
     loaded, broken = [], []
-    for ep in selected_entry_points():
+    for ep in selected_entry_points(group):
         dist_name, version = _distribution(ep)
         try:
             plugin = ep.load()
@@ -68,7 +78,7 @@ def load_entry_points() -> tuple[list[tuple[object, PluginOrigin]], list[PluginO
             )
             broken.append(origin)
             warnings.warn(
-                f"peftkit plugin {ep.name!r} ({dist_name or 'unknown distribution'}) failed to load and is "
+                f"peftkit {kind} {ep.name!r} ({dist_name or 'unknown distribution'}) failed to load and is "
                 f"skipped: {origin.error}",
                 PluginLoadWarning,
                 stacklevel=3,

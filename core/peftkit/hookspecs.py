@@ -290,7 +290,11 @@ def peftkit_model_methods() -> dict[str, Callable[..., Any]] | None:
 def peftkit_register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``peftkit`` command line.
 
-    All implementations run, once, when the CLI starts.
+    All implementations run, once per CLI run, when the CLI first needs a command it does not know (or
+    lists them, as ``--help`` does). Implement it in a module of its own, light to import (click, not
+    torch), and name that module in the ``peftkit.commands`` entry-point group, under the same name as
+    the plugin's ``peftkit`` entry point: the CLI imports those modules, never the method plugins, to
+    find commands. Plugin objects registered in-process (``peftkit.plugins.register``) are asked too.
 
     :param cli: the top-level click group; call ``cli.add_command(...)`` or decorate with ``cli.command``.
     :return: None always.

@@ -8,14 +8,18 @@ OUT appears whole or not at all: it is written with :func:`peftkit.serialization
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from peftkit import plugins
+from peftkit.config import read_config_dict
 from peftkit.errors import MergeNotSupportedError, PeftkitError
-from peftkit.serialization import atomic_folder
+from peftkit.model import PeftModel
+from peftkit.planning import config_path, model_class, read_model_config
+from peftkit.serialization import atomic_folder, load_config
 
 # files of a tokenizer (and its chat template) that a model folder may hold beside the weights
 TOKENIZER_FILES = (
@@ -34,6 +38,12 @@ TOKENIZER_FILES = (
 )
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# bitsandbytes logs this when it is imported on a CPU with AVX512-BF16 and the optional `kernels` package is
+# missing: advice about a speed-up of its own, not about the merge asked for. Loading a quantized base is
+# where peftkit makes bitsandbytes load, so that is where it is dropped, and nothing else.
+BNB_KERNEL_NOTICE_LOGGER = "bitsandbytes.backends.cpu.ops"
+BNB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
 class MergeTargetError(PeftkitError, ValueError):
@@ -66,14 +76,34 @@ def merge_kwargs(quantized: bool, dtype: str | None = None) -> dict[str, Any]:
     return kwargs
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def without_bitsandbytes_kernel_notice() -> Iterator[None]:
+    """Within the block, bitsandbytes' notice about its optional CPU kernel is dropped; its other logs stay."""
+    logger = logging.getLogger(BNB_KERNEL_NOTICE_LOGGER)
+    drop = _DropMessage(BNB_KERNEL_NOTICE)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def load_base(base: Path, dtype: str | None) -> Any:
     """The base model from its folder, offline, at ``dtype`` (fp32/fp16/bf16) or as saved."""
-    from peftkit.planning import model_class, read_model_config
-
     config = read_model_config(base)
     cls = model_class(config)
     torch_dtype = TORCH_DTYPES[dtype] if dtype else "auto"
-    return cls.from_pretrained(str(base), local_files_only=True, dtype=torch_dtype)
+    with without_bitsandbytes_kernel_notice():  # a quantized base imports bitsandbytes here
+        return cls.from_pretrained(str(base), local_files_only=True, dtype=torch_dtype)
 
 
 @contextlib.contextmanager
@@ -108,10 +138,6 @@ def merge_to_folder(
     status: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Merge ``adapter`` into ``base`` and write the merged model to ``out``; return what was done."""
-    from peftkit.config import read_config_dict
-    from peftkit.model import PeftModel, load_config
-    from peftkit.planning import config_path
-
     base, adapter, out = Path(base), Path(adapter), Path(out)
     check_out(out, overwrite)
     config_path(base)  # a clear error for a missing base folder before anything is loaded

@@ -16,9 +16,11 @@ from torch import nn
 
 from peftkit import plugins, serialization
 from peftkit.adapter_layer import AdapterLayer, adapter_layers
-from peftkit.config import CONFIG_NAME, PeftConfig, read_config_dict, with_task_heads
+from peftkit.adapter_swap import swap_adapter
+from peftkit.config import CONFIG_NAME, PeftConfig, with_task_heads
 from peftkit.errors import AdapterNameError, ConfigError, MergeNotSupportedError
 from peftkit.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+from peftkit.serialization import load_config  # defined there, below this module; kept importable from here
 
 
 class AdaptedModel(nn.Module):
@@ -535,9 +537,7 @@ class PeftModel(nn.Module):
         """
         folder = Path(model_id, subfolder) if subfolder else Path(model_id)
         if hotswap:
-            from peftkit.hotswap import hotswap_adapter
-
-            hotswap_adapter(self, folder, adapter_name)
+            swap_adapter(self, folder, adapter_name)
             self.peft_config[adapter_name].inference_mode = not is_trainable
             self._update_trainable()
             return
@@ -551,13 +551,6 @@ class PeftModel(nn.Module):
             self._remove(adapter_name)
             raise
         self._update_trainable()
-
-
-def load_config(folder: str | Path) -> PeftConfig:
-    """Read an adapter folder's config into the config class of the installed plugin for its peft_type."""
-    data = read_config_dict(folder)
-    spec = plugins.method_for_peft_type(data["peft_type"])
-    return spec.config_class.from_dict(data)
 
 
 def get_peft_model(

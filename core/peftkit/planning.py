@@ -2,7 +2,9 @@
 
 Everything here works on a model built from its ``config.json`` on the meta device: shapes and dtypes
 without storage, so a 7B model is planned in seconds and no weight is read. ``peftkit targets`` and
-``peftkit plan`` print what these functions return.
+``peftkit plan`` print what these functions return. The command line imports this module to build its
+commands, so it stays light at import: torch, transformers and the core modules that need torch are
+imported inside the functions that use them, which keeps ``peftkit --help`` fast.
 
 The training-memory estimate (see :func:`memory_estimate`) is, in bytes::
 
@@ -28,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from peftkit import plugins
+from peftkit import __version__, plugins
 from peftkit.errors import ConfigError, PeftkitError
 
 MODEL_CONFIG_NAME = "config.json"
@@ -337,8 +339,6 @@ def _dtype_name(tensor: Any) -> str:
 
 def adapter_metadata(peft_config: Any) -> dict[str, str]:
     """The safetensors metadata ``PeftModel.save_pretrained`` writes for an adapter of this config."""
-    from peftkit import __version__
-
     spec = plugins.method_for_config(peft_config)
     metadata = {"format": "pt", "peftkit.version": __version__, "peftkit.method": spec.name}
     if spec.distribution:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from peftkit import hookspecs
-from peftkit.discovery import PluginOrigin, load_entry_points
+from peftkit.discovery import COMMANDS_ENTRY_POINT_GROUP, PluginOrigin, load_entry_points
 from peftkit.errors import PluginConflictError, UnknownMethodError
 from peftkit.method import MethodSpec, method_of
 
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from peftkit.config import PeftConfig
     from peftkit.layer_access import LayerFeatures
     from peftkit.model import PeftModel
+
+# the registered names of the plugins that ship inside the core
+BUILTIN_PREFIX = "peftkit.builtin."
 
 # PEFT's peft_type values and the peftkit package that provides each, for "install X" advice.
 PACKAGE_FOR_PEFT_TYPE = {
@@ -53,9 +56,10 @@ class PluginHost:
         self._methods: dict[str, MethodSpec] | None = None
         self._model_methods: dict[str, Any] | None = None
         self._owners: dict[str, str] = {}
+        # imported here, not at the top, so that importing this module (as the CLI does) stays torch-free
         from peftkit.builtin import torch_layers
 
-        self.pm.register(torch_layers, name="peftkit.builtin.torch_layers")
+        self.pm.register(torch_layers, name=BUILTIN_PREFIX + "torch_layers")
         if discover:
             loaded, self.broken = load_entry_points()
             for plugin, origin in loaded:
@@ -344,5 +348,37 @@ def model_method(name: str) -> Any | None:
     return host().model_methods.get(name)
 
 
-def register_commands(cli: click.Group) -> None:
-    _hook().peftkit_register_commands(cli=cli)
+def register_commands(cli: click.Group) -> list[tuple[str, Exception]]:
+    """Let plugins add their subcommands to ``cli``; return each plugin whose hook failed, with its error.
+
+    Asked: the modules of the ``peftkit.commands`` entry-point group, imported on their own, so listing the
+    commands (``peftkit --help``) loads no method plugin and no torch; and plugin objects registered in this
+    process with :func:`register` (tests, embedding applications). The method plugins of the ``peftkit``
+    group are not imported for it. One plugin's failure skips only its own commands.
+    """
+    pm = pluggy.PluginManager("peftkit")
+    pm.add_hookspecs(hookspecs)
+    failures: list[tuple[str, Exception]] = []
+    candidates: list[tuple[object, str]] = [
+        (plugin, origin.name) for plugin, origin in load_entry_points(COMMANDS_ENTRY_POINT_GROUP)[0]
+    ]
+    if _host is not None:  # never created just for this: that would import every method plugin
+        candidates += [
+            (plugin, name)
+            for name, plugin in _host.pm.list_name_plugin()
+            if name not in _host.origins and not name.startswith(BUILTIN_PREFIX)
+        ]
+    for plugin, name in candidates:
+        if pm.is_registered(plugin):
+            continue
+        try:
+            pm.register(plugin, name=name if pm.get_plugin(name) is None else None)
+        except Exception as exc:  # a hook with the wrong signature: pluggy's validation error
+            failures.append((name, exc))
+    # pluggy calls the last registered first; ask in the order found, so a later plugin's command wins
+    for impl in reversed(pm.hook.peftkit_register_commands.get_hookimpls()):
+        try:
+            impl.function(**{arg: cli for arg in impl.argnames})
+        except Exception as exc:  # one plugin's bad command must not take the CLI down
+            failures.append((impl.plugin_name, exc))
+    return failures

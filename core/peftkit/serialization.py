@@ -14,6 +14,7 @@ import torch
 
 from peftkit import plugins
 from peftkit.adapter_layer import adapter_layers
+from peftkit.config import PeftConfig, read_config_dict
 from peftkit.errors import AdapterLoadError
 from peftkit.injection import logical_path
 
@@ -110,6 +111,13 @@ def check_shape(key: str, saved: torch.Tensor, target: torch.Tensor) -> None:
             f"tensor {key!r} has shape {tuple(saved.shape)} in the adapter file but {tuple(target.shape)} "
             "in the model: the adapter was made for a base model of another size"
         )
+
+
+def load_config(folder: str | Path) -> PeftConfig:
+    """Read an adapter folder's config into the config class of the installed plugin for its peft_type."""
+    data = read_config_dict(folder)
+    spec = plugins.method_for_peft_type(data["peft_type"])
+    return spec.config_class.from_dict(data)
 
 
 def read_tensors(directory: str | Path) -> dict[str, torch.Tensor]:

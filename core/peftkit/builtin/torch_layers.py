@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR, LayerFeatures
 from peftkit.method import hookimpl
 
-try:  # transformers' GPT-2 style linear layer, weight stored (in, out)
-    from transformers.pytorch_utils import Conv1D as TransformersConv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, but the layer hooks need not fail
-    TransformersConv1D = ()
+# transformers' GPT-2 style linear layer (weight stored (in, out)) lives in this module. Looked up, not
+# imported: a Conv1D layer can only exist once its module is imported, and loading plugins (as
+# `peftkit methods` does) must not pull in transformers.
+_CONV1D_MODULE = "transformers.pytorch_utils"
+
+
+def _is_transformers_conv1d(layer: nn.Module) -> bool:
+    module = sys.modules.get(_CONV1D_MODULE)
+    conv1d = getattr(module, "Conv1D", None)
+    return conv1d is not None and isinstance(layer, conv1d)
+
 
 _CONV_KINDS = {nn.Conv1d: CONV1D, nn.Conv2d: CONV2D, nn.Conv3d: CONV3D}
 
@@ -22,7 +31,7 @@ def peftkit_layer_features(layer: nn.Module) -> LayerFeatures | None:
         return None
     if isinstance(layer, nn.Linear):
         return LayerFeatures(LINEAR, layer.in_features, layer.out_features)
-    if TransformersConv1D and isinstance(layer, TransformersConv1D):
+    if _is_transformers_conv1d(layer):
         in_features, out_features = layer.weight.shape
         return LayerFeatures(LINEAR, in_features, out_features, fan_in_fan_out=True)
     for conv_type, kind in _CONV_KINDS.items():
@@ -47,7 +56,7 @@ def _foreign(layer: nn.Module) -> bool:
 
 
 def _is_transposed(layer: nn.Module) -> bool:
-    return bool(TransformersConv1D) and isinstance(layer, TransformersConv1D)
+    return _is_transformers_conv1d(layer)
 
 
 def _knows(layer: nn.Module) -> bool:

@@ -2,31 +2,53 @@
 
 Each hook answers only for ``bnb.nn.Linear4bit`` and ``bnb.nn.Linear8bitLt`` and leaves every other layer
 to the core (None).
+
+Loading this plugin imports neither bitsandbytes nor torch. A bitsandbytes layer can only exist once
+``bitsandbytes`` is imported (by the user, or by transformers loading a quantized model), so every hook
+first looks in ``sys.modules``: before that, no layer is this plugin's, and the answer is None without
+importing anything. Only then does it import :mod:`peftkit_bnb.layers`, which imports bitsandbytes.
 """
 
 from __future__ import annotations
 
-import torch
-from peftkit import LayerFeatures, hookimpl
-from peftkit.layer_access import LINEAR
-from torch import nn
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from peftkit_bnb import layers
+from peftkit import hookimpl
+from peftkit.layer_access import LINEAR, LayerFeatures
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
-def _knows(layer: nn.Module) -> bool:
-    return layers.is_4bit(layer) or layers.is_8bit(layer)
+def _layers() -> ModuleType | None:
+    """:mod:`peftkit_bnb.layers`, or None while bitsandbytes is not imported (so no layer can be its)."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    from peftkit_bnb import layers  # imports bitsandbytes, which is loaded already
+
+    return layers
+
+
+def _knows(layer: nn.Module) -> ModuleType | None:
+    layers = _layers()
+    return layers if layers is not None and (layers.is_4bit(layer) or layers.is_8bit(layer)) else None
 
 
 @hookimpl
 def peftkit_layer_features(layer: nn.Module) -> LayerFeatures | None:
-    if not _knows(layer):
+    if _knows(layer) is None:
         return None
     return LayerFeatures(LINEAR, layer.in_features, layer.out_features, quantized=True)
 
 
 @hookimpl
 def peftkit_read_weight(layer: nn.Module) -> torch.Tensor | None:
+    layers = _layers()
+    if layers is None:
+        return None
     if layers.is_4bit(layer):
         return layers.read_4bit(layer)
     if layers.is_8bit(layer):
@@ -36,6 +58,9 @@ def peftkit_read_weight(layer: nn.Module) -> torch.Tensor | None:
 
 @hookimpl
 def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
+    layers = _layers()
+    if layers is None:
+        return None
     if layers.is_4bit(layer):
         layers.write_4bit(layer, weight)
         return True
@@ -47,6 +72,7 @@ def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
 
 @hookimpl
 def peftkit_dense_layer(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module | None:
-    if not _knows(layer):
+    layers = _knows(layer)
+    if layers is None:
         return None
     return layers.dense_linear(layer, dtype)

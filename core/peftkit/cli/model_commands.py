@@ -1,7 +1,8 @@
-"""The CLI commands that work on a model: ``peftkit targets``, ``peftkit plan`` and ``peftkit merge``.
+"""The commands that work on a model: ``peftkit targets``, ``peftkit plan`` and ``peftkit merge``.
 
-Light at import (click only): torch and transformers load when a command runs. The work itself is in
-:mod:`peftkit.planning` and :mod:`peftkit.merge_folder`; this module parses arguments and prints.
+Light at import (click, the CLI's helpers and :mod:`peftkit.planning`): torch and transformers load when a
+command runs. The work itself is in :mod:`peftkit.planning` and :mod:`peftkit.merge_folder`; this module
+parses arguments and prints.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from peftkit import planning
+from peftkit.cli.plugin_loading import plugin_host
+from peftkit.cli.tables import byte_size, human_size, table
+from peftkit.errors import PeftkitError
 
 DTYPE_CHOICES = ["fp32", "fp16", "bf16"]
 
@@ -24,26 +30,11 @@ class InputError(click.ClickException):
 
 def _run(work: Any, *args: Any, **kwargs: Any) -> Any:
     """Call ``work``; peftkit's errors about the user's input become an :class:`InputError`."""
-    from peftkit.cli import _plugin_host
-    from peftkit.errors import PeftkitError
-
     try:
-        _plugin_host()  # load plugins first, so one that fails is reported as one plain warning line
+        plugin_host()  # load plugins first, so one that fails is reported as one plain warning line
         return work(*args, **kwargs)
     except PeftkitError as exc:
         raise InputError(str(exc)) from exc
-
-
-def _table(header: list[str], rows: list[list[str]], indent: str = "") -> list[str]:
-    from peftkit.cli import _table as table
-
-    return table(header, rows, indent)
-
-
-def _size(size: int) -> str:
-    from peftkit.cli import human_size
-
-    return f"{size:,} bytes ({human_size(size)})"
 
 
 method_option = click.option(
@@ -76,7 +67,7 @@ def format_targets(report: dict[str, Any]) -> str:
         )
         row = [group["pattern"], group["name"], group["type"], group["kind"], shape, str(group["count"])]
         rows.append(row + ([str(group["targeted"])] if method else []))
-    lines += _table(header, rows)
+    lines += table(header, rows)
     lines += ["", f"{report['targetable']} modules in {len(report['groups'])} groups can be targeted."]
     if method:
         names = method["target_modules"]
@@ -99,8 +90,6 @@ def targets_command(model: Path, method: str | None, options: tuple[str, ...], a
     built on the meta device, so no weights are read. With --method (and its config fields as --option
     KEY=VALUE), also show which modules that config's target_modules matches.
     """
-    from peftkit import planning
-
     parsed = _run(planning.parse_options, options)
     if parsed and not method:
         raise InputError("--option needs --method: options are fields of a method's config")
@@ -119,7 +108,7 @@ def format_plan(report: dict[str, Any]) -> str:
         ["total", f"{report['total_params']:,} parameters"],
         [
             "adapter",
-            f"{_size(report['adapter_bytes'])} in {report['adapter_tensors']} tensors "
+            f"{byte_size(report['adapter_bytes'])} in {report['adapter_tensors']} tensors "
             f"({', '.join(report['adapter_dtypes']) or '-'})",
         ],
     ]
@@ -137,8 +126,6 @@ def format_plan(report: dict[str, Any]) -> str:
         ("activations", "activations_bytes"),
         ("total", "total_bytes"),
     ]
-    from peftkit.cli import human_size
-
     rows = [
         [
             label,
@@ -147,7 +134,7 @@ def format_plan(report: dict[str, Any]) -> str:
         ]
         for label, key in parts
     ]
-    lines += _table(["PART", "BYTES", "SIZE"], rows, indent="  ")
+    lines += table(["PART", "BYTES", "SIZE"], rows, indent="  ")
     if memory["activations_bytes"] is None:
         lines.append(
             "  (activations not estimated: the config lacks hidden size, heads, layers or vocabulary)"
@@ -198,8 +185,6 @@ def plan_command(
     adapter's dtype, and the activations of one training step (formula: `peftkit plan --json`, under
     memory.formula, and the CLI reference).
     """
-    from peftkit import planning
-
     parsed = _run(planning.parse_options, options)
     report = _run(planning.plan_report, model, method, parsed, dtype, batch_size, seq_len)
     click.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
@@ -210,7 +195,7 @@ def format_merge(report: dict[str, Any]) -> str:
     lines = [
         f"Merged {report['peft_type']} adapter {report['adapter']} into {report['model_class']} "
         f"from {report['base']} ({report['dtype']}{', dequantized' if report['dequantized'] else ''}).",
-        f"Wrote {report['out']}: {_size(report['bytes'])}",
+        f"Wrote {report['out']}: {byte_size(report['bytes'])}",
     ]
     lines += [f"  {name}" for name in report["files"]]
     return "\n".join(lines)
@@ -250,7 +235,7 @@ def merge_command(
     folder beside OUT and renamed into place. A quantized base (bitsandbytes) is dequantized as it is
     merged, so OUT holds full-precision weights (in --dtype if given).
     """
-    from peftkit.merge_folder import merge_to_folder
+    from peftkit.merge_folder import merge_to_folder  # imports torch: here, so `peftkit --help` stays light
 
     show = sys.stderr.isatty() if progress is None else progress
     report = _run(

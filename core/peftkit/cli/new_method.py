@@ -361,8 +361,13 @@ def new_method_command(name: str, directory: Path) -> None:
     """
     names = MethodNames.from_name(name)
     root = scaffold(name, directory)
-    click.echo(f"Created {root}/ (method {names.method!r}, package {names.package}, peft_type {names.peft_type})")
+    click.echo(
+        f"Created {root}/ (method {names.method!r}, package {names.package}, peft_type {names.peft_type})"
+    )
     click.echo("Next:")
     click.echo(f"  pip install -e '{root}[test]'")
     click.echo(f"  pytest {root / 'tests'}")
     click.echo(f"  peftkit methods   # lists {names.method}")
+
+
+COMMANDS = (new_method_command,)
