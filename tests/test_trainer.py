@@ -1,18 +1,21 @@
-"""transformers' Trainer with peftkit models, through peftkit.integrations.transformers.PeftkitTrainer.
+"""transformers' Trainer with peftkit models: the plain Trainer, and PeftkitTrainer.
 
-Checkpoints hold the adapter only, resuming continues from the checkpoint's adapter, and
+The plain ``transformers.Trainer`` trains a peftkit model as it trains a PEFT one (it reads the base
+model's forward signature through ``PeftModel.forward``) and saves it whole, saying so once. With
+PeftkitTrainer checkpoints hold the adapter only, resuming continues from the checkpoint's adapter, and
 ``load_best_model_at_end`` puts the best checkpoint's adapter back into the model.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 from peftkit import get_peft_model
 from peftkit.errors import AdapterLoadError
-from peftkit.testing.models import tiny_bert, tiny_llama
+from peftkit.testing.models import tiny_bert, tiny_llama, tiny_plain, tiny_t5
 from safetensors.torch import load_file
 
 # transformers' Trainer needs accelerate, which transformers does not install by itself
@@ -166,3 +169,212 @@ def test_label_smoothing_shifts_the_labels_of_a_causal_lm(tmp_path):
         logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), label_smoothing=0.1
     )
     torch.testing.assert_close(loss, expected)
+
+
+# --- the plain transformers.Trainer ---------------------------------------------------------------
+
+
+def with_a_text_column(rows: list[dict]) -> list[dict]:
+    """Rows with a column no model takes: Trainer must drop it, or collating would fail on the strings."""
+    return [{**row, "text": f"row {i}"} for i, row in enumerate(rows)]
+
+
+def whole_model_notices(caught) -> list[str]:
+    return [str(w.message) for w in caught if "PeftkitTrainer" in str(w.message)]
+
+
+def adapter_moved(model) -> bool:
+    return any("lora_B" in key and value.abs().max() > 0 for key, value in adapter_tensors(model).items())
+
+
+def test_the_plain_trainer_trains_and_says_once_that_it_saves_the_whole_model(tmp_path):
+    model = get_peft_model(tiny_llama(), lora_config())
+    base_before = {key: value.clone() for key, value in model.state_dict().items() if ".lora_" not in key}
+    trainer = transformers.Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=with_a_text_column(causal_lm_data(8))
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+        trainer.save_model(str(tmp_path / "final"))
+        model.state_dict()  # the user's own calls stay quiet
+
+    # three saves (checkpoint-2, checkpoint-4, final), one notice, at the first
+    notices = whole_model_notices(caught)
+    assert len(notices) == 1
+    assert "model.safetensors" in notices[0] and "adapter_model.safetensors" in notices[0]
+    assert adapter_moved(model)
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in base_before.items())
+    for folder in (tmp_path / "checkpoint-2", tmp_path / "checkpoint-4", tmp_path / "final"):
+        names = {path.name for path in folder.iterdir()}
+        assert "model.safetensors" in names and not names & ADAPTER_FILES, folder
+    # what Trainer wrote is the whole model: base weights and the trained adapter
+    assert_same_tensors(load_file(str(tmp_path / "final" / "model.safetensors")), state)
+
+
+def test_peftkit_trainer_saves_without_the_notice(tmp_path):
+    model = get_peft_model(tiny_llama(), lora_config())
+    trainer = PeftkitTrainer(model=model, args=training_args(tmp_path), train_dataset=causal_lm_data(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert whole_model_notices(caught) == []
+    assert ADAPTER_FILES <= {path.name for path in (tmp_path / "checkpoint-2").iterdir()}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"auto_find_batch_size": True}], ids=["default", "auto_find_batch_size"]
+)
+def test_the_plain_trainer_ends_with_the_adapter_peftkit_trainer_ends_with(tmp_path, options):
+    data = causal_lm_data(8)
+    plain = get_peft_model(tiny_llama(), lora_config())
+    args = training_args(tmp_path / "plain", save_strategy="no", **options)
+    transformers.Trainer(model=plain, args=args, train_dataset=with_a_text_column(data)).train()
+    ours = get_peft_model(tiny_llama(), lora_config())
+    PeftkitTrainer(
+        model=ours, args=training_args(tmp_path / "ours", save_strategy="no"), train_dataset=data
+    ).train()
+
+    assert adapter_moved(plain)
+    assert_same_tensors(adapter_tensors(plain), adapter_tensors(ours))
+
+
+def test_the_plain_trainer_resumes_from_its_whole_model_checkpoint(tmp_path):
+    data = causal_lm_data(8)
+    full = get_peft_model(tiny_llama(), lora_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.Trainer(model=full, args=training_args(tmp_path / "full"), train_dataset=data).train()
+        resumed = get_peft_model(tiny_llama(), lora_config())
+        trainer = transformers.Trainer(
+            model=resumed, args=training_args(tmp_path / "resumed"), train_dataset=data
+        )
+        trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert trainer.state.global_step == 4
+    assert_same_tensors(adapter_tensors(resumed), adapter_tensors(full), atol=1e-6)
+
+
+def test_gradient_accumulation_normalises_by_the_label_tokens_of_the_whole_batch(tmp_path):
+    # rows with 7, 6, 4 and 1 predicted tokens: however two micro-batches of two split them, the mean of
+    # their means differs from the mean over all tokens, so the two runs agree only if Trainer's
+    # num_items_in_batch reaches the base model's loss through PeftModel.forward
+    rows = causal_lm_data(4)
+    for row, masked in zip(rows, (0, 1, 3, 6)):
+        row["labels"][:masked] = -100
+
+    def one_step(folder, batch_size, accumulation):
+        model = get_peft_model(tiny_llama(), lora_config())
+        args = training_args(
+            folder,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            save_strategy="no",
+            optim="sgd",
+            learning_rate=1.0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        return adapter_tensors(model)
+
+    whole = one_step(tmp_path / "whole", 4, 1)
+    accumulated = one_step(tmp_path / "accumulated", 2, 2)
+    assert any(value.abs().max() > 1e-3 for key, value in whole.items() if "lora_B" in key)
+    assert_same_tensors(accumulated, whole, atol=1e-6)
+
+
+def test_the_plain_trainer_reads_what_it_reads_from_a_model_as_from_the_base_model(tmp_path):
+    for build, config in (
+        (tiny_llama, lora_config()),
+        (tiny_bert, lora_config(target_modules=["query", "value"], task_type="SEQ_CLS")),
+        (tiny_plain, lora_config(target_modules=["fc1"])),  # its forward takes no **kwargs
+    ):
+        base_trainer = transformers.Trainer(model=build(), args=training_args(tmp_path))
+        trainer = transformers.Trainer(model=get_peft_model(build(), config), args=training_args(tmp_path))
+        assert trainer.model_accepts_loss_kwargs == base_trainer.model_accepts_loss_kwargs, build
+        base_trainer._set_signature_columns_if_needed()
+        trainer._set_signature_columns_if_needed()
+        assert set(trainer._signature_columns) - set(base_trainer._signature_columns) <= {
+            "adapter_names",
+            "labels",
+        }
+        assert set(base_trainer._signature_columns) <= set(trainer._signature_columns)
+    assert not transformers.Trainer(
+        model=tiny_plain(), args=training_args(tmp_path)
+    ).model_accepts_loss_kwargs
+
+
+def test_the_plain_trainer_reports_the_evaluation_loss(tmp_path):
+    model = get_peft_model(tiny_llama(), lora_config())
+    data = causal_lm_data(4)
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path), eval_dataset=data)
+    metrics = trainer.evaluate()
+    ids = torch.stack([row["input_ids"] for row in data])
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 128 ids, with [PAD] as id 0: what collators need."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"t{i}": i for i in range(2, 128)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+def ragged_rows(count: int, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (count,), generator=generator)
+    return [{"input_ids": torch.randint(2, 128, (int(n),), generator=generator).tolist()} for n in lengths]
+
+
+COLLATORS = ["DataCollatorWithPadding", "DataCollatorForLanguageModeling", "DataCollatorForSeq2Seq"]
+
+
+@pytest.mark.parametrize("collator_name", COLLATORS)
+def test_the_plain_trainer_with_transformers_data_collators(tmp_path, collator_name):
+    tokenizer = tiny_tokenizer()
+    rows = ragged_rows(8)
+    if collator_name == "DataCollatorWithPadding":  # a classifier: labels are one per row
+        model = get_peft_model(
+            tiny_bert(), lora_config(target_modules=["query", "value"], task_type="SEQ_CLS")
+        )
+        rows = [{**row, "label": i % 2} for i, row in enumerate(rows)]
+        collator = transformers.DataCollatorWithPadding(tokenizer)
+    elif collator_name == "DataCollatorForLanguageModeling":  # a causal LM: labels are the padded inputs
+        model = get_peft_model(tiny_llama(), lora_config())
+        collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    else:  # an encoder-decoder: the collator asks the model for decoder inputs made from the labels
+        model = get_peft_model(tiny_t5(), lora_config(target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
+        rows = [{**row, "labels": list(reversed(row["input_ids"]))} for row in rows]
+        collator = transformers.DataCollatorForSeq2Seq(tokenizer, model=model)
+    args = training_args(tmp_path, save_strategy="no")
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=with_a_text_column(rows), data_collator=collator
+    )
+    trainer.train()
+    assert adapter_moved(model)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_plain_trainer_with_bf16_autocast_follows_the_float32_run(tmp_path, dropout):
+    losses = {}
+    for bf16 in (False, True):
+        model = get_peft_model(tiny_llama(), lora_config(lora_dropout=dropout))
+        args = training_args(
+            tmp_path / str(bf16), bf16=bf16, save_strategy="no", logging_strategy="steps", logging_steps=1
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=causal_lm_data(8))
+        trainer.train()
+        assert trainer.accelerator.mixed_precision == ("bf16" if bf16 else "no")
+        assert adapter_moved(model)
+        losses[bf16] = torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert len(losses[True]) == 4
+    # bf16 keeps 8 bits of mantissa (relative rounding 2**-8 per operation): the losses agree to 1%
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-2, atol=0)

@@ -19,6 +19,8 @@ from peftkit.adapter_layer import AdapterLayer, adapter_layers
 from peftkit.adapter_swap import swap_adapter
 from peftkit.config import CONFIG_NAME, PeftConfig, with_task_heads
 from peftkit.errors import AdapterNameError, ConfigError, MergeNotSupportedError
+from peftkit.forward_signature import forward_with_base_signature
+from peftkit.integrations.plain_trainer import warn_on_plain_trainer_save
 from peftkit.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 from peftkit.serialization import load_config  # defined there, below this module; kept importable from here
 
@@ -42,6 +44,10 @@ class AdaptedModel(nn.Module):
 class PeftModel(nn.Module):
     """A base model with adapters. Call it, ``generate`` with it and save it as you would the base model."""
 
+    # transformers' Trainer refuses a quantized model that carries no adapters, and reads "carries adapters"
+    # from PEFT's class or from this flag of its own PEFT integration; a PeftModel always carries them
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -57,6 +63,7 @@ class PeftModel(nn.Module):
         self.active_adapters: list[str] = []
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self._adapters_disabled = False
+        self.register_state_dict_pre_hook(warn_on_plain_trainer_save)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
@@ -252,6 +259,7 @@ class PeftModel(nn.Module):
                 inputs = changed
         return inputs
 
+    @forward_with_base_signature
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Run the model with the active adapters; or, with ``adapter_names`` (one per row of the batch,
         ``"__base__"`` for none), each row with its own adapter, as PEFT's mixed batches do."""

@@ -1,7 +1,8 @@
 """transformers' ``Trainer`` with peftkit models: adapter-only checkpoints, resuming from them, best model.
 
 ``Trainer`` recognises PEFT's own ``PeftModel`` class by ``isinstance``; a peftkit model is not one, so a
-plain ``Trainer`` would save and reload the whole model (``model.safetensors``). :class:`PeftkitTrainer`
+plain ``Trainer`` trains it but saves and reloads the whole model (``model.safetensors``, with a warning
+at the first save: :mod:`peftkit.integrations.plain_trainer`). :class:`PeftkitTrainer`
 changes the three places where a checkpoint's model weights are written or read:
 
 - ``_save``: ``model.save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``, other
@@ -10,17 +11,20 @@ changes the three places where a checkpoint's model weights are written or read:
   (``load_best_model_at_end=True``): the checkpoint's adapter tensors are copied into the model's
   adapters in place, so the optimizer and any DDP wrapper keep pointing at the same parameters.
 
-Like ``Trainer`` does for PEFT's models, it also reads from the base model (``PeftModel.forward``
-takes ``*args, **kwargs``) the dataset columns to keep, the label names (so evaluation reports a loss),
-and whether label smoothing must shift the labels (causal LMs). Anything else (a model that is not a peftkit ``PeftModel``, DeepSpeed, FSDP checkpoints) goes to
-``Trainer``'s own code. :class:`PeftkitTrainerMixin` puts the same behaviour into another ``Trainer``
-subclass, such as TRL's ``SFTTrainer``: ``class MyTrainer(PeftkitTrainerMixin, SFTTrainer): ...``.
+Like ``Trainer`` does for PEFT's models, it also reads from the base model's class what ``Trainer``
+reads from the model's class: the label names (so evaluation reports a loss whatever the labels are
+called) and whether label smoothing must shift the labels (causal LMs). The dataset columns to keep
+``Trainer`` reads from ``inspect.signature(model.forward)``, which for a peftkit model is the base
+model's (see :mod:`peftkit.forward_signature`). Anything else (a model that is not a peftkit
+``PeftModel``, DeepSpeed, FSDP checkpoints) goes to ``Trainer``'s own code.
+
+:class:`PeftkitTrainerMixin` puts the same behaviour into another ``Trainer`` subclass, such as TRL's
+``SFTTrainer``: ``class MyTrainer(PeftkitTrainerMixin, SFTTrainer): ...``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -92,15 +96,6 @@ class PeftkitTrainerMixin:
 
     def _handles_checkpoints(self) -> bool:
         return not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and self._peftkit_model() is not None
-
-    def _set_signature_columns_if_needed(self) -> None:
-        # PeftModel.forward takes (*args, **kwargs): keep the dataset columns the base model's forward takes
-        model = self._peftkit_model()
-        if model is None or self._signature_columns is not None:
-            return super()._set_signature_columns_if_needed()
-        columns = list(inspect.signature(model.get_base_model().forward).parameters)
-        self._signature_columns = columns + list({"label", "label_ids", *self.label_names})
-        return None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._handles_checkpoints():
