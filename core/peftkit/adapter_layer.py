@@ -42,6 +42,7 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.features = features if features is not None else plugins.layer_features(self.get_base_layer())
+        plugins.prepare_base_layer(self.get_base_layer())
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.merge_residuals: dict[str, exact_unmerge.MergeResidual] = {}

@@ -258,6 +258,20 @@ def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
     """
 
 
+@hookspec
+def peftkit_prepare_base_layer(layer: nn.Module) -> None:
+    """Make a base layer ready to carry adapters, when an adapter layer is made around it.
+
+    All implementations run, each for the layer types it knows: a backend puts its layer in the state
+    adapters train on and compute with exactly (peftkit-bnb keeps a 4-bit layer out of bitsandbytes'
+    packed CPU layout, whose kernel has no backward). Called for every adapter layer made around the
+    layer, so it must do nothing the second time.
+
+    :param layer: the innermost base layer (never a peftkit adapter layer).
+    :return: None; what an implementation returns is ignored.
+    """
+
+
 @hookspec(firstresult=True)
 def peftkit_dense_layer(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module | None:
     """Give a full-precision replacement for a quantized base layer (``merge_and_unload(dequantize=True)``).

@@ -338,6 +338,11 @@ def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
         raise TypeError(f"no installed plugin can write the weight of a {type(layer).__name__} layer")
 
 
+def prepare_base_layer(layer: nn.Module) -> None:
+    """Let every backend put a base layer in the state adapters need (``peftkit_prepare_base_layer``)."""
+    _hook().peftkit_prepare_base_layer(layer=layer)
+
+
 def dense_layer(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module | None:
     """A backend's full-precision replacement for a quantized layer; None where the layer is not quantized."""
     return _hook().peftkit_dense_layer(layer=layer, dtype=dtype)

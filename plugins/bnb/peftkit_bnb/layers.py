@@ -63,20 +63,57 @@ def _standard_codes(packed: torch.Tensor, state: bnbf.QuantState) -> torch.Tenso
     return standard.view(storage) if storage is not None else standard
 
 
-def _packed_weight(layer: bnb.nn.Linear4bit) -> torch.Tensor:
-    """code[q] · bf16(absmax) from a packed layer, without changing it."""
-    state = layer.weight.quant_state
-    # the packed absmax is (in / blocksize, out); the standard order is block by block along each row
-    absmax = state.absmax.T.reshape(-1).float()
-    standard = bnbf.QuantState(
-        absmax=absmax,
+def _standard_state(state: bnbf.QuantState) -> bnbf.QuantState:
+    """A packed layer's quant state in the standard layout: its bf16 absmaxes as float32, block by block."""
+    return bnbf.QuantState(
+        # the packed absmax is (in / blocksize, out); the standard order is block by block along each row
+        absmax=state.absmax.T.reshape(-1).float().contiguous(),
         shape=state.shape,
         code=state.code,
         blocksize=state.blocksize,
         quant_type=state.quant_type,
         dtype=_quantized_dtype(state),
     )
-    return bnbf.dequantize_4bit(_standard_codes(layer.weight.data, state), standard)
+
+
+def _packed_weight(layer: bnb.nn.Linear4bit) -> torch.Tensor:
+    """code[q] · bf16(absmax) from a packed layer, without changing it."""
+    state = layer.weight.quant_state
+    return bnbf.dequantize_4bit(_standard_codes(layer.weight.data, state), _standard_state(state))
+
+
+def _set_4bit(layer: bnb.nn.Linear4bit, codes: torch.Tensor, state: bnbf.QuantState) -> None:
+    """Give the layer new codes and quant state, with the settings of the weight it had."""
+    old = layer.weight
+    layer.weight = bnb.nn.Params4bit(
+        codes,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+        module=layer,
+        bnb_quantized=True,
+    )
+    layer.quant_state = state
+
+
+def keep_unpacked(layer: bnb.nn.Linear4bit) -> None:
+    """Keep a layer that carries adapters in the standard layout, whose forward has a backward.
+
+    The packed kernel has none: once a layer is packed (by any forward in eval mode without grad, such
+    as an evaluation loop's), a training forward through it gives no gradient to its input, so every
+    adapter below it trains on a wrong gradient. So bitsandbytes is told not to pack this layer, and a
+    layer it packed already is put back in the standard layout exactly: the same codes, and the
+    bfloat16-rounded absmaxes as float32 (not quantized again), so it computes with the weight it had.
+    """
+    layer.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it packs
+    if is_packed(layer):
+        packed = layer.weight
+        _set_4bit(
+            layer, _standard_codes(packed.data, packed.quant_state), _standard_state(packed.quant_state)
+        )
 
 
 def read_4bit(layer: bnb.nn.Linear4bit) -> torch.Tensor:
@@ -100,18 +137,7 @@ def write_4bit(layer: bnb.nn.Linear4bit, weight: torch.Tensor) -> None:
         quant_type=old.quant_type,
         quant_storage=old.quant_storage,
     )
-    layer.weight = bnb.nn.Params4bit(
-        codes,
-        requires_grad=False,
-        quant_state=state,
-        blocksize=old.blocksize,
-        compress_statistics=old.compress_statistics,
-        quant_type=old.quant_type,
-        quant_storage=old.quant_storage,
-        module=layer,
-        bnb_quantized=True,
-    )
-    layer.quant_state = state
+    _set_4bit(layer, codes, state)
 
 
 def _8bit_codes_and_scales(layer: bnb.nn.Linear8bitLt) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,6 +71,13 @@ def peftkit_write_weight(layer: nn.Module, weight: torch.Tensor) -> bool | None:
 
 
 @hookimpl
+def peftkit_prepare_base_layer(layer: nn.Module) -> None:
+    layers = _layers()
+    if layers is not None and layers.is_4bit(layer):
+        layers.keep_unpacked(layer)
+
+
+@hookimpl
 def peftkit_dense_layer(layer: nn.Module, dtype: torch.dtype | None) -> nn.Module | None:
     layers = _knows(layer)
     if layers is None:

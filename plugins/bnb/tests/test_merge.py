@@ -102,18 +102,20 @@ INT8_KERNEL_ERROR = 1e-2
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_inference_kernels_stay_within_their_rounding_of_the_dequantized_merge(
-    load_quantized, tokens, exact_logits, kind, use_dora, request
+def test_inference_of_an_adapted_model_equals_the_dequantized_merge(
+    load_quantized, tokens, exact_logits, kind, use_dora
 ):
-    # the packed kernel's bound is derived in conftest.py; the fixture skips where the CPU lacks the kernel
-    bound = INT8_KERNEL_ERROR if kind == "int8" else request.getfixturevalue("packed_kernel")
+    """Layers that carry adapters stay out of bitsandbytes' packed CPU layout (its kernel has no backward:
+    see test_qlora), so an eval forward computes exactly what the dequantized merge does, on every CPU.
+    int8's inference kernel rounds the activations too: its own bound."""
     model = trained_adapter(load_quantized(kind), tokens, use_dora)
     model.eval()
     with torch.no_grad():
         inference = model(input_ids=tokens).logits
         four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-        assert all(m.weight.quant_state.packing_format_for_cpu for m in four_bit)  # packed on the way
+        assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
         merged = model.merge_and_unload(dequantize=True)
+    bound = INT8_KERNEL_ERROR if kind == "int8" else 1e-5
     assert relative_error(inference, exact_logits(merged, tokens)) < bound
 
 

@@ -113,3 +113,47 @@ def test_dora_magnitude_starts_at_the_norms_of_the_weights_the_layers_compute_wi
         torch.testing.assert_close(
             layer.lora_magnitude_vector["default"].detach(), expected[name], rtol=1e-6, atol=0
         )
+
+
+def adapter_gradients(model, tokens) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_training_after_an_eval_forward_gets_the_gradients_it_got_before(load_quantized, tokens, four_bit_kind):
+    """bitsandbytes packs a 4-bit layer at its first eval forward without grad on CPUs with AVX512-BF16,
+    and its packed kernel has no backward: a later training step would lose the gradient through every
+    4-bit layer (measured 77 % off). peftkit-bnb keeps layers that carry adapters out of that layout."""
+    config = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(0)
+    fresh = get_peft_model(load_quantized(four_bit_kind), config)
+    torch.manual_seed(0)
+    evaluated = get_peft_model(load_quantized(four_bit_kind), config)
+    evaluated.eval()
+    with torch.no_grad():
+        evaluated(input_ids=tokens)  # an evaluation loop's forward
+    layers = [layer.get_base_layer() for _, layer in evaluated.adapter_layers()]
+    assert layers and all(not layer.support_avx512bf16_for_cpu for layer in layers)
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    expected, got = adapter_gradients(fresh, tokens), adapter_gradients(evaluated, tokens)
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_a_base_packed_before_the_adapter_is_unpacked_with_the_weights_it_computed_with(
+    load_quantized, tokens, pack, with_bf16_absmax, exact_logits, four_bit_kind
+):
+    """A base model evaluated before get_peft_model is packed already: its layers go back to the standard
+    layout with the same codes and their bf16-rounded absmaxes (not quantized again), so they compute
+    with the weights they had, and they train."""
+    base = load_quantized(four_bit_kind)
+    reference = with_bf16_absmax(base)
+    model = get_peft_model(pack(base), LoraConfig(r=8, target_modules="all-linear"))
+    layers = [layer.get_base_layer() for _, layer in model.adapter_layers()]
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    assert torch.equal(exact_logits(model, tokens), exact_logits(reference, tokens))
+    gradients = adapter_gradients(model, tokens)
+    assert any(g.abs().sum() > 0 for name, g in gradients.items() if "lora_B" in name)
