@@ -1,7 +1,7 @@
 """The ``peftkit`` command line: methods and inspect, as tables and JSON, and their error messages.
 
 End-to-end runs go through a subprocess (``python -m peftkit.cli`` / ``python -m peftkit``); they start
-together, since each pays for importing torch. Error paths and plugin interplay run in-process with
+together, since most pay for importing torch. Error paths and plugin interplay run in-process with
 click's runner on a fresh CLI.
 """
 
@@ -66,8 +66,13 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     return {"kit": root / "kit", "peft": root / "peft"}
 
 
+def _plugin_env() -> dict[str, str]:
+    """The environment without the plugin selection variables: every installed plugin loads."""
+    return {k: v for k, v in os.environ.items() if k not in ("PEFTKIT_PLUGINS", "PEFTKIT_BLOCK_PLUGINS")}
+
+
 def _run_together(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PEFTKIT_PLUGINS", "PEFTKIT_BLOCK_PLUGINS")}
+    env = _plugin_env()
     started = {
         name: (
             args,
@@ -116,26 +121,72 @@ def invoke(*args: str):
 # --- version, help, imports ------------------------------------------------------------------------
 HEAVY = ("torch", "transformers", "bitsandbytes")
 
+# Prepended to a fresh interpreter's script: records, for each heavy module, the chain of peftkit modules
+# (name:line, outermost first) that imported it first, in ``heavy_importers``.
+WATCH_HEAVY_IMPORTS = f"""\
+import sys
 
-def _modules_after(args: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, bool]]:
-    """Run the CLI with ``args`` in a fresh interpreter; which heavy modules (and LoRA's plugin) it imported."""
+heavy_importers = {{}}
+
+
+class _WatchHeavyImports:
+    def find_spec(self, name, path=None, target=None):
+        if name in {HEAVY!r} and name not in heavy_importers:
+            chain, frame = [], sys._getframe(1)
+            while frame is not None:
+                module = frame.f_globals.get("__name__", "")
+                if module.split(".")[0].startswith("peftkit"):
+                    chain.append(f"{{module}}:{{frame.f_lineno}}")
+                frame = frame.f_back
+            heavy_importers[name] = " -> ".join(reversed(chain)) or "outside peftkit"
+        return None
+
+
+sys.meta_path.insert(0, _WatchHeavyImports())
+"""
+
+
+def _modules_after(args: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, bool], dict[str, str]]:
+    """Run the CLI with ``args`` in a fresh interpreter: which heavy modules (and LoRA's plugin) it imported,
+    and for each heavy one, the chain of peftkit modules that imported it."""
     watched = (*HEAVY, "peftkit_lora")
-    script = (
-        "import json, sys\n"
+    script = WATCH_HEAVY_IMPORTS + (
+        "import json\n"
         "from peftkit.cli import main\n"
         "try:\n    main(sys.argv[1:])\n"
         "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
-        f"print(json.dumps({{name: name in sys.modules for name in {watched!r}}}))\n"
+        f"print(json.dumps([{{name: name in sys.modules for name in {watched!r}}}, heavy_importers]))\n"
     )
-    run = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120, env=_plugin_env()
+    )
     assert run.returncode == 0, run.stderr
-    return run, json.loads(run.stdout.splitlines()[-1])
+    imported, importers = json.loads(run.stdout.splitlines()[-1])
+    return run, imported, importers
+
+
+def _heavy_imports_of_each_plugin() -> list[str]:
+    """Each installed plugin's entry-point module imported alone, in a fresh interpreter: a line for each
+    heavy module one imports, naming the plugin and the chain of modules that did it."""
+    found = []
+    for ep in sorted(importlib.metadata.entry_points(group="peftkit"), key=lambda ep: ep.name):
+        script = WATCH_HEAVY_IMPORTS + (
+            f"import importlib, json\nimportlib.import_module({ep.module!r})\nprint(json.dumps(heavy_importers))\n"
+        )
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        if run.returncode != 0:
+            found.append(f"{ep.name} ({ep.module}) fails to import: {run.stderr.strip().splitlines()[-1:]}")
+            continue
+        for name, chain in json.loads(run.stdout.splitlines()[-1]).items():
+            found.append(f"{ep.name} ({ep.module}) imports {name}: {chain}")
+    return found
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["inspect", "--help"]])
 def test_help_and_version_import_neither_torch_nor_transformers_nor_bitsandbytes(args):
-    run, imported = _modules_after(args)
-    assert imported == {"torch": False, "transformers": False, "bitsandbytes": False, "peftkit_lora": False}
+    run, imported, importers = _modules_after(args)
+    nothing = {"torch": False, "transformers": False, "bitsandbytes": False, "peftkit_lora": False}
+    assert imported == nothing, importers
     assert run.stderr == ""  # nothing on stderr: no warning of anyone's
     if args == ["--version"]:
         assert run.stdout.splitlines()[0] == f"peftkit {peftkit.__version__}"
@@ -145,12 +196,24 @@ def test_help_and_version_import_neither_torch_nor_transformers_nor_bitsandbytes
         assert "Usage: peftkit inspect [OPTIONS] PATH" in run.stdout
 
 
-def test_methods_loads_the_plugins_but_neither_transformers_nor_bitsandbytes():
-    """Listing needs the plugins (and torch, which their modules import), not a model library or a backend's."""
-    run, imported = _modules_after(["methods"])
-    assert not imported["transformers"] and not imported["bitsandbytes"] and imported["peftkit_lora"]
+def test_methods_loads_every_plugin_but_neither_torch_nor_transformers_nor_bitsandbytes():
+    """Listing needs each plugin's hooks and config class, not torch, a model library or a backend's library:
+    every plugin module defers those imports to the hooks that compute."""
+    run, imported, importers = _modules_after(["methods", "--json"])
+    report = json.loads("\n".join(run.stdout.splitlines()[:-1]))
+    assert report["broken"] == []
+    listed = {row["plugin"] for row in report["methods"] + report["plugins"]}
+    installed = {ep.name for ep in importlib.metadata.entry_points(group="peftkit")}
+    assert installed <= listed, f"installed plugins not listed: {sorted(installed - listed)}"
+    assert "lora" in {row["name"] for row in report["methods"]} and imported["peftkit_lora"]
+    heavy = [name for name in HEAVY if imported[name]]
+    if heavy:
+        culprits = _heavy_imports_of_each_plugin() or ["none on its own: the core's plugin loading does"]
+        pytest.fail(
+            f"`peftkit methods` imported {', '.join(heavy)} (first through {importers}); plugin modules "
+            "that import a heavy module when loaded:\n  " + "\n  ".join(culprits)
+        )
     assert run.stderr == ""
-    assert re.search(r"^lora +LORA +weight-delta", run.stdout, re.M)
 
 
 def test_python_dash_m_peftkit(runs):

@@ -75,6 +75,18 @@ def test_generated_package_installs_registers_and_passes_its_tests(tmp_path: Pat
     assert ours[0]["version"] == "0.1.0"
     assert ours[0]["location"].startswith(str(site))
     assert report["broken"] == []
+    # loading the plugin imports no torch, so listing stays fast; the package still exports its layer
+    check = (
+        "import sys, peftkit_mymethod.plugin\n"
+        "print('torch' in sys.modules)\n"
+        "from peftkit_mymethod import MymethodLayer\n"
+        "print(MymethodLayer.__module__, 'torch' in sys.modules)\n"
+    )
+    assert _run([sys.executable, "-c", check], cwd=tmp_path, env=env).split() == [
+        "False",
+        "peftkit_mymethod.layer",
+        "True",
+    ]
 
     # the generated tests, as generated: the conformance kit (its CI profile) and the config's messages
     tests = _run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"], cwd=package, env=env)

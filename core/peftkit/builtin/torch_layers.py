@@ -1,14 +1,22 @@
-"""The layer hooks for PyTorch's own layers and transformers' Conv1D."""
+"""The layer hooks for PyTorch's own layers and transformers' Conv1D.
+
+Loading this plugin imports no torch, so that listing plugins (``peftkit methods``) stays light: every
+hook is handed a torch module, so torch is loaded by the time one runs, and each imports ``torch.nn``
+then.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR, LayerFeatures
 from peftkit.method import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # transformers' GPT-2 style linear layer (weight stored (in, out)) lives in this module. Looked up, not
 # imported: a Conv1D layer can only exist once its module is imported, and loading plugins (as
@@ -22,11 +30,17 @@ def _is_transformers_conv1d(layer: nn.Module) -> bool:
     return conv1d is not None and isinstance(layer, conv1d)
 
 
-_CONV_KINDS = {nn.Conv1d: CONV1D, nn.Conv2d: CONV2D, nn.Conv3d: CONV3D}
+@functools.cache
+def _conv_kinds() -> dict[type[nn.Module], str]:
+    from torch import nn  # loaded already: see the module docstring
+
+    return {nn.Conv1d: CONV1D, nn.Conv2d: CONV2D, nn.Conv3d: CONV3D}
 
 
 @hookimpl(trylast=True)
 def peftkit_layer_features(layer: nn.Module) -> LayerFeatures | None:
+    from torch import nn  # loaded already: see the module docstring
+
     if _foreign(layer):
         return None
     if isinstance(layer, nn.Linear):
@@ -34,7 +48,7 @@ def peftkit_layer_features(layer: nn.Module) -> LayerFeatures | None:
     if _is_transformers_conv1d(layer):
         in_features, out_features = layer.weight.shape
         return LayerFeatures(LINEAR, in_features, out_features, fan_in_fan_out=True)
-    for conv_type, kind in _CONV_KINDS.items():
+    for conv_type, kind in _conv_kinds().items():
         if type(layer) is conv_type:
             return LayerFeatures(
                 kind,
@@ -60,6 +74,8 @@ def _is_transposed(layer: nn.Module) -> bool:
 
 
 def _knows(layer: nn.Module) -> bool:
+    from torch import nn  # loaded already: see the module docstring
+
     return (
         not _foreign(layer)
         and isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))

@@ -155,11 +155,27 @@ CHANGELOG = """\
 INIT = '''\
 """$method for peftkit: h = W x + up (down x)."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from $package.config import $Config
-from $package.layer import $Layer
+
+if TYPE_CHECKING:
+    from $package.layer import $Layer
 
 __version__ = "0.1.0"
 __all__ = ["$Config", "$Layer", "__version__"]
+
+# Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.
+_LAZY = {"$Layer": "$package.layer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module '$package' has no attribute {name!r}")
 '''
 
 CONFIG = '''\
@@ -245,15 +261,16 @@ class $Layer(AdapterLayer):
 PLUGIN = '''\
 """$method's hook implementations: register the method, inject its layers.
 
-Freezing, merging, saving and loading come from the core's AdapterLayer defaults.
+Freezing, merging, saving and loading come from the core's AdapterLayer defaults. This module imports
+no torch, so that listing methods (``peftkit methods``, which loads every plugin) stays fast: a hook
+imports what computes with torch (the layer, ``inject_into_targets``) when it runs.
 """
 
 from __future__ import annotations
 
-from peftkit import MethodSpec, hookimpl, inject_into_targets, method_impl
+from peftkit import MethodSpec, hookimpl, method_impl
 
 from $package.config import $Config
-from $package.layer import $Layer
 
 
 @hookimpl
@@ -270,6 +287,11 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @method_impl("$method")
 def peftkit_inject_adapter(peft_model, config: $Config, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import inject_into_targets
+
+    from $package.layer import $Layer
+
     inject_into_targets(peft_model, config, adapter_name, $Layer)
     return True
 '''

@@ -1,17 +1,25 @@
 """AdaLoRA for peftkit: W x + (lora_alpha / init_r) · P Λ Q x, its ranks pruned by importance in training."""
 
-from typing import Any
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from peftkit_adalora.config import AdaLoraConfig
-from peftkit_adalora.layer import AdaLoraLayer
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from peftkit_adalora.callback import AdaLoraCallback
+    from peftkit_adalora.layer import AdaLoraLayer
+
+__version__ = "0.1.1"
 __all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "__version__"]
+
+# Imported on first use: the layer imports torch, and the callback transformers, and loading the plugin
+# (peftkit methods) imports neither.
+_LAZY = {"AdaLoraLayer": "peftkit_adalora.layer", "AdaLoraCallback": "peftkit_adalora.callback"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "AdaLoraCallback":  # imports transformers only when asked for
-        from peftkit_adalora.callback import AdaLoraCallback
-
-        return AdaLoraCallback
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'peftkit_adalora' has no attribute {name!r}")

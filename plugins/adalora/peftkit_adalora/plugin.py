@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import torch
-from peftkit import ConfigError, MethodSpec, biases, hookimpl, inject_into_targets, method_impl
-from peftkit.injection import fill_default_targets
+from typing import TYPE_CHECKING
+
+from peftkit import ConfigError, MethodSpec, hookimpl, method_impl
 from peftkit.method import method_of
 
-from peftkit_adalora import allocation
 from peftkit_adalora.config import AdaLoraConfig
-from peftkit_adalora.layer import AdaLoraLayer
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftkit_adalora.layer import AdaLoraLayer
 
 # PEFT's default targets for AdaLoRA when target_modules is None, by transformers model_type.
 DEFAULT_TARGETS = {
@@ -42,6 +45,9 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 
 def _layers(peft_model, adapter_name: str) -> list[tuple[str, AdaLoraLayer]]:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_adalora.layer import AdaLoraLayer
+
     return [
         (path, layer)
         for path, layer in peft_model.adapter_layers()
@@ -67,6 +73,11 @@ def _check_one_trainable(peft_model, config: AdaLoraConfig, adapter_name: str) -
 
 @method_impl("adalora")
 def peftkit_inject_adapter(peft_model, config: AdaLoraConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.injection import fill_default_targets, inject_into_targets
+
+    from peftkit_adalora.layer import AdaLoraLayer
+
     _check_one_trainable(peft_model, config, adapter_name)
     fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     inject_into_targets(peft_model, config, adapter_name, AdaLoraLayer)
@@ -77,12 +88,17 @@ def peftkit_inject_adapter(peft_model, config: AdaLoraConfig, adapter_name: str)
 def peftkit_on_optimizer_step(peft_model, config: AdaLoraConfig, adapter_name: str, global_step: int) -> None:
     if config.inference_mode:
         return None
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_adalora import allocation
+
     allocation.update_and_allocate(_layers(peft_model, adapter_name), config, adapter_name, global_step)
     return None
 
 
 def orthogonality_regularizer(peft_model, adapter_name: str) -> torch.Tensor:
     """PEFT's regulariser: the mean over the adapter's P and Q factors of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F."""
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
     penalties = [
         penalty
         for _, layer in _layers(peft_model, adapter_name)
@@ -93,6 +109,8 @@ def orthogonality_regularizer(peft_model, adapter_name: str) -> torch.Tensor:
 
 @method_impl("adalora")
 def peftkit_transform_outputs(peft_model, config: AdaLoraConfig, adapter_name: str, inputs, outputs):
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
     loss = getattr(outputs, "loss", None)
     if not (peft_model.training and not config.inference_mode and isinstance(loss, torch.Tensor)):
         return None
@@ -108,14 +126,29 @@ def peftkit_transform_outputs(peft_model, config: AdaLoraConfig, adapter_name: s
 
 @method_impl("adalora")
 def peftkit_trainable_parameters(peft_model, config: AdaLoraConfig, adapter_name: str):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import biases
+
+    from peftkit_adalora.layer import AdaLoraLayer
+
     return list(biases.trained_biases(peft_model, config, adapter_name, AdaLoraLayer).items())
 
 
 @method_impl("adalora")
 def peftkit_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import biases
+
+    from peftkit_adalora.layer import AdaLoraLayer
+
     return biases.bias_state_dict(peft_model, config, adapter_name, AdaLoraLayer)
 
 
 @method_impl("adalora")
 def peftkit_load_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str, state_dict):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import biases
+
+    from peftkit_adalora.layer import AdaLoraLayer
+
     return biases.load_biases(peft_model, config, adapter_name, AdaLoraLayer, state_dict)

@@ -5,8 +5,24 @@ adapter changes nothing until it trains. Styles: Houlsby (after attention and fe
 (after feed-forward), parallel (beside feed-forward, fed its input).
 """
 
-from peftkit_bottleneck.config import BottleneckConfig
-from peftkit_bottleneck.layer import BottleneckLayer
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from peftkit_bottleneck.config import BottleneckConfig
+
+if TYPE_CHECKING:
+    from peftkit_bottleneck.layer import BottleneckLayer
+
+__version__ = "0.1.1"
 __all__ = ["BottleneckConfig", "BottleneckLayer", "__version__"]
+
+# Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.
+_LAZY = {"BottleneckLayer": "peftkit_bottleneck.layer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peftkit_bottleneck' has no attribute {name!r}")

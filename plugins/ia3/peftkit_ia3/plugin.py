@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from peftkit import ConfigError, MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
+from peftkit import ConfigError, MethodSpec, TargetModulesError, hookimpl, method_impl
 
 from peftkit_ia3.config import IA3Config
-from peftkit_ia3.layer import IA3Layer
 
 # PEFT's defaults when target_modules / feedforward_modules is None, by transformers model_type:
 # (targets, feed-forward targets). Feed-forward ones scale their input, the others their output.
@@ -47,6 +46,11 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @method_impl("ia3")
 def peftkit_inject_adapter(peft_model, config: IA3Config, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.injection import inject_into_targets
+
+    from peftkit_ia3.layer import IA3Layer
+
     fill_architecture_defaults(config, peft_model.base_model.model)
     inject_into_targets(peft_model, config, adapter_name, IA3Layer)
     return True

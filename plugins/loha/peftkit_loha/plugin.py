@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from peftkit import AdapterLayer, MethodSpec, TargetModulesError, hookimpl, inject_into_targets, method_impl
-from peftkit.injection import fill_default_targets, find_targets
+from peftkit import MethodSpec, TargetModulesError, hookimpl, method_impl
 from peftkit.layer_access import LINEAR
 from peftkit.plugins import layer_features
 
 from peftkit_loha.config import LoHaConfig
-from peftkit_loha.layer import LoHaLayer
 
 # PEFT's default targets when target_modules is None, by transformers model_type (PEFT copies LoRA's).
 DEFAULT_TARGETS = {
@@ -38,6 +36,11 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @method_impl("loha")
 def peftkit_inject_adapter(peft_model, config: LoHaConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.injection import fill_default_targets, inject_into_targets
+
+    from peftkit_loha.layer import LoHaLayer
+
     model = peft_model.base_model.model
     fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     _check_targets(model, config)
@@ -47,6 +50,12 @@ def peftkit_inject_adapter(peft_model, config: LoHaConfig, adapter_name: str) ->
 
 def _check_targets(model, config: LoHaConfig) -> None:
     """Refuse every unsupported target before any layer is wrapped, so a failure leaves the model as it was."""
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import AdapterLayer
+    from peftkit.injection import find_targets
+
+    from peftkit_loha.layer import LoHaLayer
+
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         base = module.get_base_layer() if isinstance(module, AdapterLayer) else module

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from peftkit import MethodSpec, hookimpl, inject_into_targets, method_impl
-from peftkit.injection import fill_default_targets
+from peftkit import MethodSpec, hookimpl, method_impl
 
 from peftkit_lokr.config import LoKrConfig
-from peftkit_lokr.layer import LoKrLayer
 
 # PEFT's default targets when target_modules is None, by transformers model_type (LoKr uses LoRA's table).
 DEFAULT_TARGETS = {
@@ -35,6 +33,11 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @method_impl("lokr")
 def peftkit_inject_adapter(peft_model, config: LoKrConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.injection import fill_default_targets, inject_into_targets
+
+    from peftkit_lokr.layer import LoKrLayer
+
     fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     inject_into_targets(peft_model, config, adapter_name, LoKrLayer)
     return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,9 +16,8 @@ from peftkit.config import (
     fail,
 )
 
-from peftkit_lora.init import PISSA_NITER
-
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA by a fast SVD of N subspace iterations
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 

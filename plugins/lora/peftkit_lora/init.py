@@ -7,11 +7,9 @@ Both move the top rank-``r`` part of ``W`` into the adapter, ``s·B₀A₀``, an
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+from peftkit_lora.config import PISSA_NITER
 
 
 def pissa_factors(

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from peftkit import MethodSpec, biases, hookimpl, inject_into_targets, method_impl
-from peftkit.injection import fill_default_targets
+from peftkit import MethodSpec, hookimpl, method_impl
 
 from peftkit_lora.config import LoraConfig
-from peftkit_lora.layer import LoraLayer
-from peftkit_lora.weighted_adapter import add_weighted_adapter
 
 # PEFT's default targets when target_modules is None, by transformers model_type.
 DEFAULT_TARGETS = {
@@ -36,11 +33,19 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @hookimpl
 def peftkit_model_methods():
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_lora.weighted_adapter import add_weighted_adapter
+
     return {"add_weighted_adapter": add_weighted_adapter}
 
 
 @method_impl("lora")
 def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.injection import fill_default_targets, inject_into_targets
+
+    from peftkit_lora.layer import LoraLayer
+
     fill_default_targets(peft_model, config, DEFAULT_TARGETS)
     inject_into_targets(peft_model, config, adapter_name, LoraLayer)
     return True
@@ -48,14 +53,29 @@ def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) ->
 
 @method_impl("lora")
 def peftkit_trainable_parameters(peft_model, config: LoraConfig, adapter_name: str):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import biases
+
+    from peftkit_lora.layer import LoraLayer
+
     return list(biases.trained_biases(peft_model, config, adapter_name, LoraLayer).items())
 
 
 @method_impl("lora")
 def peftkit_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import biases
+
+    from peftkit_lora.layer import LoraLayer
+
     return biases.bias_state_dict(peft_model, config, adapter_name, LoraLayer)
 
 
 @method_impl("lora")
 def peftkit_load_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str, state_dict):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import biases
+
+    from peftkit_lora.layer import LoraLayer
+
     return biases.load_biases(peft_model, config, adapter_name, LoraLayer, state_dict)

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from peftkit import ConfigError, MethodSpec, hookimpl, method_impl
-from peftkit.serialization import copy_checked, saved_tensor
 from peftkit_prompt_tuning import virtual_tokens
-from peftkit_prompt_tuning.embedding import fill_model_shape, find_word_embeddings
 
 from peftkit_p_tuning.config import PromptEncoderConfig
-from peftkit_p_tuning.encoder import PromptEncoder
 
 METHOD = "p_tuning"
 STATE_KEY = "prompt_embeddings"
@@ -41,6 +37,11 @@ def peftkit_register_methods() -> list[MethodSpec]:
 # --- the prompt encoder ----------------------------------------------------------------------------
 @method_impl(METHOD)
 def peftkit_inject_adapter(peft_model, config: PromptEncoderConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_prompt_tuning.embedding import fill_model_shape, find_word_embeddings
+
+    from peftkit_p_tuning.encoder import PromptEncoder
+
     model = peft_model.base_model.model
     fill_model_shape(config, model)
     if config.encoder_hidden_size is None:
@@ -61,12 +62,19 @@ def peftkit_inject_adapter(peft_model, config: PromptEncoderConfig, adapter_name
 
 @method_impl(METHOD)
 def peftkit_adapter_state_dict(peft_model, config: PromptEncoderConfig, adapter_name: str):
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
     with torch.no_grad():
         return {STATE_KEY: peft_model.prompt_modules[adapter_name].virtual_tokens()}
 
 
 @method_impl(METHOD)
 def peftkit_load_adapter_state_dict(peft_model, config: PromptEncoderConfig, adapter_name: str, state_dict):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.serialization import copy_checked, saved_tensor
+
+    from peftkit_p_tuning.encoder import PromptEncoder
+
     saved = saved_tensor(state_dict, STATE_KEY, "P-tuning")
     module = peft_model.prompt_modules[adapter_name]
     if module.mlp_head is not None:

@@ -20,16 +20,16 @@ What PEFT does, per task, that this file follows:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from peftkit import ConfigError, MethodSpec, hookimpl, method_impl
 from peftkit.config import TaskType
-from peftkit.serialization import copy_checked, saved_tensor
-from torch import nn
 
 from peftkit_prefix_tuning.config import PrefixTuningConfig
-from peftkit_prefix_tuning.prefix import PrefixEncoder, fill_model_shape, prefix_cache
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 METHOD = "prefix_tuning"
 STATE_KEY = "prompt_embeddings"
@@ -74,6 +74,9 @@ def _takes_past_key_values(model: nn.Module) -> bool:
 
 @method_impl(METHOD)
 def peftkit_inject_adapter(peft_model, config: PrefixTuningConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_prefix_tuning.prefix import PrefixEncoder, fill_model_shape
+
     model = peft_model.base_model.model
     if _uses_gradient_checkpointing(model):
         raise ConfigError(GRADIENT_CHECKPOINTING)
@@ -93,12 +96,19 @@ def peftkit_inject_adapter(peft_model, config: PrefixTuningConfig, adapter_name:
 
 @method_impl(METHOD)
 def peftkit_adapter_state_dict(peft_model, config: PrefixTuningConfig, adapter_name: str):
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
     with torch.no_grad():
         return {STATE_KEY: peft_model.prompt_modules[adapter_name]()}
 
 
 @method_impl(METHOD)
 def peftkit_load_adapter_state_dict(peft_model, config: PrefixTuningConfig, adapter_name: str, state_dict):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.serialization import copy_checked, saved_tensor
+
+    from peftkit_prefix_tuning.prefix import PrefixEncoder
+
     saved = saved_tensor(state_dict, STATE_KEY, "prefix tuning")
     module = peft_model.prompt_modules[adapter_name]
     if module.transform is not None:
@@ -128,6 +138,8 @@ def _batch_size(inputs: dict[str, Any], keys=("input_ids", "inputs_embeds")) -> 
 
 
 def _ones_before(mask: torch.Tensor, count: int) -> torch.Tensor:
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
     return torch.cat((mask.new_ones(mask.shape[0], count), mask), dim=1)
 
 
@@ -139,6 +151,8 @@ def _drop(inputs: dict[str, Any], name: str, task: TaskType, warn: bool = True) 
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
     dtype = getattr(model, "dtype", None)
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -146,6 +160,9 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _start_cache(peft_model, config: PrefixTuningConfig, adapter_name: str, batch_size: int):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_prefix_tuning.prefix import prefix_cache
+
     model = peft_model.base_model.model
     return prefix_cache(peft_model.prompt_modules[adapter_name], config, batch_size, _model_dtype(model))
 

@@ -8,6 +8,7 @@ import warnings
 
 import peft
 import peftkit
+import peftkit_prefix_tuning
 import pytest
 import torch
 from peftkit import AdapterLoadError, ConfigError, plugins
@@ -37,7 +38,8 @@ def test_the_method_is_registered_with_prefix_tuning_s_capabilities():
         "supports_multiple_active": False,
         "needs_tokenizer": False,
     }
-    assert (spec.distribution, spec.version) == ("peftkit-prefix-tuning", "0.1.0")
+    # discovery reads the installed distribution's version, which must be the package's own
+    assert (spec.distribution, spec.version) == ("peftkit-prefix-tuning", peftkit_prefix_tuning.__version__)
     assert peftkit.PrefixTuningConfig is PrefixTuningConfig
 
 

@@ -6,11 +6,9 @@ How the inputs are rewritten, task by task, as PEFT 0.21 does it: :mod:`peftkit_
 from __future__ import annotations
 
 from peftkit import MethodSpec, hookimpl, method_impl
-from peftkit.serialization import copy_checked, saved_tensor
 
 from peftkit_prompt_tuning import virtual_tokens
 from peftkit_prompt_tuning.config import PromptTuningConfig
-from peftkit_prompt_tuning.embedding import build_prompt_embedding, fill_model_shape
 
 METHOD = "prompt_tuning"
 STATE_KEY = "prompt_embeddings"
@@ -35,6 +33,9 @@ def peftkit_register_methods() -> list[MethodSpec]:
 # --- the prompt module -----------------------------------------------------------------------------
 @method_impl(METHOD)
 def peftkit_inject_adapter(peft_model, config: PromptTuningConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_prompt_tuning.embedding import build_prompt_embedding, fill_model_shape
+
     model = peft_model.base_model.model
     fill_model_shape(config, model)
     module = build_prompt_embedding(config, model)
@@ -50,6 +51,9 @@ def peftkit_adapter_state_dict(peft_model, config: PromptTuningConfig, adapter_n
 
 @method_impl(METHOD)
 def peftkit_load_adapter_state_dict(peft_model, config: PromptTuningConfig, adapter_name: str, state_dict):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.serialization import copy_checked, saved_tensor
+
     saved = saved_tensor(state_dict, STATE_KEY, "prompt tuning")
     weight = peft_model.prompt_modules[adapter_name].embedding.weight
     copy_checked(STATE_KEY, saved, weight)

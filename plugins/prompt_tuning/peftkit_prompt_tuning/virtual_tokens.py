@@ -26,11 +26,14 @@ For ``SEQ_2_SEQ_LM`` the encoder's input is built once, before ``generate``.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
 from peftkit import method_impl
 from peftkit.config import TaskType
+
+if TYPE_CHECKING:
+    import torch
 
 # The tasks for which PEFT passes token_type_ids on, with zeros for the virtual tokens; others drop them.
 KEEPS_TOKEN_TYPES = (TaskType.SEQ_CLS, TaskType.TOKEN_CLS)
@@ -43,6 +46,17 @@ WHY_IGNORED = {
 
 
 # --- forward ---------------------------------------------------------------------------------------
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along the sequence dimension.
+
+    torch is imported here, not at the top: plugins bind this module's hooks when they load, and loading
+    them (peftkit methods) stays torch-free.
+    """
+    import torch
+
+    return torch.cat(tensors, dim=1)
+
+
 def _batch_size(inputs: dict[str, Any]) -> int:
     for key in ("input_ids", "inputs_embeds"):
         if inputs.get(key) is not None:
@@ -51,7 +65,7 @@ def _batch_size(inputs: dict[str, Any]) -> int:
 
 
 def _ones_before(mask: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.cat((mask.new_ones(mask.shape[0], count), mask), dim=1)
+    return _cat((mask.new_ones(mask.shape[0], count), mask))
 
 
 def _drop(inputs: dict[str, Any], name: str, label: str, warn: bool = True) -> None:
@@ -70,7 +84,7 @@ def _embed_with_prompt(peft_model, config: Any, module: Any, input_ids, inputs_e
     prompts = module(inputs_embeds.shape[0]).to(inputs_embeds.dtype)
     if config.task_type == TaskType.SEQ_2_SEQ_LM:
         prompts = prompts[:, : config.num_virtual_tokens]
-    return torch.cat((prompts, inputs_embeds), dim=1)
+    return _cat((prompts, inputs_embeds))
 
 
 def prepend_virtual_tokens(peft_model, config: Any, module: Any, inputs: dict, label: str) -> dict:
@@ -86,14 +100,12 @@ def prepend_virtual_tokens(peft_model, config: Any, module: Any, inputs: dict, l
     if task in KEEPS_TOKEN_TYPES:
         if inputs.get("token_type_ids") is not None:
             token_types = inputs["token_type_ids"]
-            inputs["token_type_ids"] = torch.cat(
-                (token_types.new_zeros(batch_size, count), token_types), dim=1
-            ).long()
+            inputs["token_type_ids"] = _cat((token_types.new_zeros(batch_size, count), token_types)).long()
     else:
         _drop(inputs, "token_type_ids", label)
     if task == TaskType.CAUSAL_LM and inputs.get("labels") is not None:
         labels = inputs["labels"]
-        inputs["labels"] = torch.cat((labels.new_full((batch_size, count), -100), labels), dim=1)
+        inputs["labels"] = _cat((labels.new_full((batch_size, count), -100), labels))
     input_ids, inputs_embeds = inputs.pop("input_ids", None), inputs.pop("inputs_embeds", None)
     inputs["inputs_embeds"] = _embed_with_prompt(peft_model, config, module, input_ids, inputs_embeds)
     return inputs

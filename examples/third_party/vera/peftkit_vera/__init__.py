@@ -1,7 +1,23 @@
 """VeRA for peftkit: h = W x + Λ_b B Λ_d A x, with A and B random, frozen and shared across layers."""
 
-from peftkit_vera.config import VeraConfig
-from peftkit_vera.layer import VeraLayer, VeraProjections
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from peftkit_vera.config import VeraConfig
+
+if TYPE_CHECKING:
+    from peftkit_vera.layer import VeraLayer, VeraProjections
+
+__version__ = "0.1.1"
 __all__ = ["VeraConfig", "VeraLayer", "VeraProjections", "__version__"]
+
+# Imported on first use: the layer module imports torch, and loading the plugin (peftkit methods) does not.
+_LAZY = {name: "peftkit_vera.layer" for name in ("VeraLayer", "VeraProjections")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peftkit_vera' has no attribute {name!r}")

@@ -12,16 +12,24 @@ The per-layer vectors train, save, load, merge and delete through the core's Ada
 
 from __future__ import annotations
 
-import torch
-from peftkit import AdapterLoadError, MethodSpec, hookimpl, inject_into_targets, method_impl
+from typing import TYPE_CHECKING
+
+from peftkit import AdapterLoadError, MethodSpec, hookimpl, method_impl
 
 from peftkit_vera.config import VeraConfig
-from peftkit_vera.layer import VeraLayer, VeraProjections
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftkit_vera.layer import VeraLayer, VeraProjections
 
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
 
 
 def layers_holding(peft_model, adapter_name: str) -> list[VeraLayer]:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_vera.layer import VeraLayer
+
     return [
         module
         for module in peft_model.base_model.model.modules()
@@ -40,6 +48,11 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @method_impl("vera")
 def peftkit_inject_adapter(peft_model, config: VeraConfig, adapter_name: str) -> bool:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit import inject_into_targets
+
+    from peftkit_vera.layer import VeraLayer, VeraProjections
+
     inject_into_targets(peft_model, config, adapter_name, VeraLayer)
     layers = layers_holding(peft_model, adapter_name)
     largest_in = max(layer.features.in_features for layer in layers)
@@ -71,6 +84,8 @@ def peftkit_load_adapter_state_dict(
                 "says save_projection=True"
             )
         return []  # drawn again from projection_prng_key at injection
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
     projections = shared_projections(peft_model, adapter_name)
     for name, key in PROJECTION_KEYS.items():
         if key not in state_dict:
