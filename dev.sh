@@ -144,7 +144,8 @@ pytest_pass() {
     status=${PIPESTATUS[0]}
     set -e
     # pytest's closing line, printed again at the end of the run
-    sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^=+ .* =+$' | tail -n 1 >"$WORK/$name-summary" || true
+    sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E '^(=+ )?[0-9]+ (passed|failed|errors?)|no tests ran' |
+        tail -n 1 >"$WORK/$name-summary" || true
     if [[ $status -eq 5 ]]; then
         echo "pytest collected no tests (exit 5): that is a failure here" >&2
     fi
@@ -156,11 +157,12 @@ run_pytest() {
     pytest_pass pytest --durations=10
 }
 
-# The numerics-sensitive tests once more under torch's generic CPU kernels (no AVX2, AVX512 or AMX
-# code paths): the conformance kit and the tests marked `numerics` (PEFT interop, merge exactness, the
-# fused LoRA node). A property that holds under one CPU's kernels only is a bug in the code or in it.
+# The numerics-sensitive tests once more as on a plain CPU: torch's generic CPU kernels (no AVX2, AVX512
+# or AMX code paths), and bitsandbytes without its packed 4-bit CPU kernel (AVX512-BF16). They are the
+# conformance kit and the tests marked `numerics` (PEFT interop, merge exactness, the fused LoRA node,
+# QLoRA). A property that holds under one CPU's kernels only is a bug in the code or in the property.
 run_pytest_generic_kernels() {
-    export ATEN_CPU_CAPABILITY=default
+    export ATEN_CPU_CAPABILITY=default PEFTKIT_BNB_NO_PACKED_KERNEL=1
     say "pytest -m 'peftkit_conformance or numerics' under torch's CPU kernels: $(cpu_kernels)"
     pytest_pass pytest-generic -q -m "peftkit_conformance or numerics"
 }
