@@ -117,6 +117,17 @@ class DetachesUnderAutocast(RankOneLayer):
         return result
 
 
+class BranchesOnAValue(RankOneLayer):
+    """Skips its update when it is small, a branch on a tensor's value, which breaks a compiled graph."""
+
+    def adapter_output(self, x, result, adapter_names):
+        for name in adapter_names:
+            u, v = self.rank_one_u[name], self.rank_one_v[name]
+            if v.abs().max().item() > 0:
+                result = result + ((x.to(u.dtype) @ u)[..., None] * v).to(result.dtype)
+        return result
+
+
 class SavesABaseWeight(RankOnePlugin):
     @method_impl("rank_one")
     def peftkit_adapter_state_dict(self, peft_model, config, adapter_name):
@@ -151,6 +162,11 @@ class SavesABaseWeight(RankOnePlugin):
             type("P", (RankOnePlugin,), {"layer_class": DetachesUnderAutocast}),
             "autocast_training_step",
             r"(?s)no gradient reached .*rank_one_u under torch.autocast\('cpu', dtype=torch.(bfloat16|float16)\)",
+        ),
+        (
+            type("P", (RankOnePlugin,), {"layer_class": BranchesOnAValue}),
+            "compiles",
+            r"(?s)a compiled training step failed compiling: .*(item\(\)|data-dependent)",
         ),
     ],
 )

@@ -45,6 +45,7 @@ def pytest_addoption(parser) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "peftkit_conformance: a property of peftkit's conformance kit")
+    config.addinivalue_line("markers", "peftkit_compile: the conformance kit's torch.compile property")
 
 
 def selected_devices(config) -> tuple[str, ...]:

@@ -82,12 +82,16 @@ PROPERTIES: dict[str, str] = {
     "training_step": "after a training step only adapter (and declared) parameters changed",
     "autocast_training_step": "a training step under torch.autocast (bfloat16, float16) runs, and its loss and "
     "gradients are close to float32's",
+    "compiles": "a training step and an inference forward each compile as one graph (no graph break) and run "
+    "again without recompiling",
     "disable_adapter": "disable_adapter reproduces the base model's outputs exactly",
     "multiple_adapters": "adding, switching and deleting adapters leaves the others untouched",
 }
 
 FIRST, SECOND = "default", "other"
 conformance = pytest.mark.peftkit_conformance
+# the compile property checks tracing, not numerics: dev.sh's second kernel set leaves it out
+compile_property = pytest.mark.peftkit_compile
 
 
 def _config_summary(config: PeftConfig) -> str:
@@ -302,6 +306,10 @@ class ConformanceSuite:
         legitimately lose more than the default tolerances allow.
     ``max_examples``
         examples per property, replacing the hypothesis profile's count (None: the profile's).
+    ``compile_backend``, ``compile_examples``
+        the ``torch.compile`` backend of the compile property (``"aot_eager"``: dynamo and AOT autograd
+        trace the forward and backward graphs, as for inductor, without generating code) and its
+        examples at most (each compiles twice).
 
     Whether the method can merge and whether several of its adapters can be active at once are read
     from its :class:`peftkit.MethodSpec` (``mergeable``, ``supports_multiple_active``).
@@ -323,6 +331,8 @@ class ConformanceSuite:
         "float16": (0.01, 0.03, 0.1),
     }
     max_examples: ClassVar[int | None] = None
+    compile_backend: ClassVar[str] = "aot_eager"
+    compile_examples: ClassVar[int] = 3
 
     # --- what a method provides ----------------------------------------------------------------------
     def make_config(self, draw: Callable[..., Any], case: ModelCase) -> PeftConfig:
@@ -802,6 +812,47 @@ class ConformanceSuite:
             if param.grad is not None
         }
         return loss.detach().float(), grads
+
+    @conformance
+    @compile_property
+    def test_compiles(self, device: str, peftkit_settings: Settings) -> None:
+        examples = min(peftkit_settings.max_examples, self.compile_examples)
+        self.run_property(
+            "compiles", self.check_compiles, device, Settings(peftkit_settings, max_examples=examples)
+        )
+
+    def check_compiles(self, ex: Example) -> None:
+        """``torch.compile(fullgraph=True)`` of a training step (forward and loss; backward through the
+        compiled graph) and of an inference forward: a graph break fails with dynamo's reason, and so
+        does a recompile on the second call of each (``error_on_recompile``)."""
+        peft_model = ex.peft_model()
+        params = [param for _, param in adapter_parameters(peft_model, FIRST).values()]
+        optimizer = torch.optim.SGD(params, lr=1e-3)
+
+        def step(inputs: dict[str, Any]) -> torch.Tensor:
+            return self.loss(peft_model(**inputs))
+
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend=self.compile_backend, fullgraph=True)
+        for mode, calls in (("training step", 2), ("inference forward", 2)):
+            peft_model.train(mode == "training step")
+            for call in range(calls):
+                try:
+                    with torch._dynamo.config.patch(error_on_recompile=call > 0):
+                        if mode == "training step":
+                            compiled(ex.inputs).backward()
+                            optimizer.step()  # parameters change in place: no guard may depend on them
+                            optimizer.zero_grad()
+                        else:
+                            with torch.no_grad():
+                                compiled(ex.inputs)
+                except Exception as exc:
+                    what = "compiling" if call == 0 else "running again (a recompile)"
+                    reason = str(exc).strip().split("\n")
+                    ex.fail(
+                        f"a compiled {mode} failed {what}: {type(exc).__name__}: {' | '.join(reason[:6])}"
+                    )
+        torch._dynamo.reset()
 
     @conformance
     def test_disable_adapter(self, device: str, peftkit_settings: Settings) -> None:

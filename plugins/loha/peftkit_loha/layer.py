@@ -185,11 +185,17 @@ class LoHaLayer(AdapterLayer):
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         total = result
         for name in adapter_names:
-            # PEFT draws the module-dropout number on every training forward, whatever the probability
-            if self.training and not torch.rand(1).item() > self.module_dropout[name]:
-                continue
+            kept = None
+            if self.training:
+                # PEFT draws the module-dropout number on every training forward, whatever the probability
+                kept = torch.rand(1) > self.module_dropout[name]
+                if not torch.compiler.is_compiling() and not kept:
+                    continue  # compiled, a branch on a drawn number would break the graph: masked below
+            delta = self.adapter_delta_output(x, name)
+            if kept is not None and torch.compiler.is_compiling():
+                delta = delta * kept.to(delta.device)
             # added in the adapter's dtype (float32), then cast back once, as PEFT does
-            total = total + self.adapter_delta_output(x, name)
+            total = total + delta
         return total.to(result.dtype)
 
     def row_scales(self, adapter_name: str, device: torch.device) -> torch.Tensor:

@@ -258,11 +258,16 @@ class LoKrLayer(AdapterLayer):
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         for name in adapter_names:
-            # PEFT draws this number in every training pass, dropout or not: keep the generator in step
-            if self.training and not torch.rand(1) > self.module_dropout[name]:
-                continue
+            kept = None
+            if self.training:
+                # PEFT draws this number in every training pass, dropout or not: keep the generator in step
+                kept = torch.rand(1) > self.module_dropout[name]
+                if not torch.compiler.is_compiling() and not kept:
+                    continue  # compiled, a branch on a drawn number would break the graph: masked below
             h = x.to(self.adapter_parameters(name)[0][1].dtype)
             delta = self._linear_delta(name, h) if self.features.kind == LINEAR else self._conv_delta(name, h)
+            if kept is not None and torch.compiler.is_compiling():
+                delta = delta * kept.to(delta.device)
             result = result + delta.to(result.dtype)
         return result
 

@@ -307,6 +307,9 @@ class LoraLayer(AdapterLayer):
             and self.features.kind == LINEAR
             and name not in self.lora_magnitude_vector
             and fused.compute_dtype(x, self.lora_A[name].weight, base_weight) is not None
+            # the node draws its dropout seed as a Python int, which torch.compile cannot trace: compiled,
+            # the plain modules run, and the compiler keeps the dropout mask its own way
+            and not (self._dropout_p(name) > 0 and torch.compiler.is_compiling())
         )
 
     def _dora_output(

@@ -9,9 +9,12 @@ import peftkit
 import peftkit_p_tuning
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peftkit import AdapterLoadError, ConfigError, plugins
 from peftkit.testing.models import randomize_trainable, tiny_llama
 from peftkit_p_tuning import PromptEncoderConfig
+from peftkit_p_tuning.encoder import unrolled_lstm
 
 IDS = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
 
@@ -142,5 +145,58 @@ def test_the_encoder_trains_under_autocast_as_in_float32(dtype, encoder):
         loss = model(input_ids=IDS, labels=IDS).loss
     loss.backward()
     grads = [p.grad for p in module.parameters() if p.requires_grad]
-    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert grads and all(
+        g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads
+    )
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    layers=st.integers(1, 3),
+    width=st.integers(1, 12),
+    hidden=st.integers(1, 8),
+    tokens=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_the_unrolled_lstm_computes_what_nn_lstm_computes(layers, width, hidden, tokens, seed):
+    """Compiled, the encoder runs the LSTM's equations (torch.compile cannot trace nn.LSTM): the same
+    values and gradients as torch's kernel, to float32 rounding."""
+    torch.manual_seed(seed)
+    lstm = torch.nn.LSTM(width, hidden, num_layers=layers, bidirectional=True, batch_first=True).eval()
+    x = torch.randn(1, tokens, width, dtype=torch.float64, requires_grad=True)
+    lstm = lstm.double()
+    expected = lstm(x)[0]
+    got = unrolled_lstm(dict(lstm.named_parameters()), x, layers)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, [x, *lstm.parameters()], upstream)
+    have = torch.autograd.grad(got, [x, *lstm.parameters()], upstream)
+    for w, h in zip(want, have):
+        torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_compiled_lstm_encoder_is_one_graph_with_the_eager_outputs():
+    model = peftkit.get_peft_model(tiny_llama(), p_tuning(encoder_reparameterization_type="LSTM"))
+    model.eval()
+    with torch.no_grad():
+        eager = model(input_ids=IDS).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda ids: model(input_ids=ids).logits, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(IDS), eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_the_lstm_weights_the_compiled_path_reads_follow_the_module():
+    """They are kept outside the module tree (torch.compile will not touch an nn.LSTM module): they must
+    stay the module's own parameters through copies and moves that make new ones."""
+    with torch.device("meta"):
+        model = peftkit.get_peft_model(tiny_llama(), p_tuning(encoder_reparameterization_type="LSTM"))
+    model.to_empty(device="cpu")  # new parameters in place of the meta ones
+    copies = {"to_empty": model, "deepcopy": copy.deepcopy(model)}
+    for how, candidate in copies.items():
+        encoder = candidate.prompt_modules["default"]
+        remembered = encoder.__dict__["_lstm_weights"]
+        assert remembered.keys() == dict(encoder.lstm_head.named_parameters()).keys()
+        for name, param in encoder.lstm_head.named_parameters():
+            assert remembered[name] is param, f"after {how}: {name} is not the module's parameter"
