@@ -37,6 +37,7 @@ LORA_HOOKS = [
     "peftkit_inject_adapter",
     "peftkit_load_adapter_state_dict",
     "peftkit_model_methods",
+    "peftkit_prepare_compiled_hotswap",
     "peftkit_register_methods",
     "peftkit_trainable_parameters",
 ]

@@ -25,6 +25,7 @@ _EXPORTS = {
     "inject_into_targets": "peftkit.injection",
     "prepare_model_for_kbit_training": "peftkit.kbit",
     "hotswap_adapter": "peftkit.hotswap",
+    "prepare_model_for_compiled_hotswap": "peftkit.hotswap",
     "PeftkitError": "peftkit.errors",
     "ConfigError": "peftkit.errors",
     "TargetModulesError": "peftkit.errors",

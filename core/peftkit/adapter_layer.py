@@ -26,11 +26,13 @@ class AdapterLayer(nn.Module):
       and :meth:`unmerged_weight` (others) say how the adapter folds into the dense weight;
       :meth:`merged_bias` and :meth:`unmerged_bias` say how it changes the base layer's bias, if at all.
     - :meth:`saved_tensors`: what the adapter's file holds for this layer, when not its tensors as
-      they are (AdaLoRA saves its factors cut to the ranks it kept).
+      they are (AdaLoRA saves its factors cut to the ranks it kept); :meth:`tensor_to_load` the other
+      way, where a layer holds a saved tensor in another shape (LoRA padded for compiled hot-swaps).
     - ``supported_kinds``: the base layer kinds (see :mod:`peftkit.layer_access`) it can wrap.
     - ``hotswap_fields``: the config fields that may differ when another saved adapter is hot-swapped
       in (:func:`peftkit.hotswap_adapter`) because they change only scalars, which
-      :meth:`update_scalars` then sets; every other field must match.
+      :meth:`update_scalars` then sets; every other field must match. :meth:`hotswap_fields_of` may widen
+      them for one adapter.
     """
 
     adapter_tensor_names: ClassVar[tuple[str, ...]] = ()
@@ -76,6 +78,16 @@ class AdapterLayer(nn.Module):
     def update_scalars(self, adapter_name: str, config: Any, module_name: str) -> None:
         """After a hot-swap, set what the ``hotswap_fields`` of the new ``config`` decide for this layer
         (``module_name``: its path in the base model, as :meth:`update_layer` gets it). Default: nothing."""
+
+    def hotswap_fields_of(self, adapter_name: str) -> tuple[str, ...]:
+        """The config fields that may differ when another adapter is hot-swapped into ``adapter_name``
+        (default: ``hotswap_fields``; LoRA adds the rank once the adapter is padded to a target rank)."""
+        return self.hotswap_fields
+
+    def tensor_to_load(self, adapter_name: str, name: str, saved: torch.Tensor) -> torch.Tensor:
+        """A saved tensor (``name`` as :meth:`saved_tensors` names it) in the shape this layer holds it; the
+        loader then checks the shape and copies. Default: as saved."""
+        return saved
 
     def saved_tensors(self, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
         """The tensors saved for this layer, named relative to it (default: :meth:`adapter_parameters`).

@@ -75,14 +75,12 @@ def _check_swappable(peft_model: PeftModel, adapter_name: str) -> None:
 
 def _hotswap_fields(peft_model: PeftModel, adapter_name: str) -> tuple[str, ...]:
     """The config fields that may differ in a hot-swap: those every layer holding the adapter can update."""
-    classes = {
-        type(layer)
+    allowed = [
+        set(layer.hotswap_fields_of(adapter_name))
         for _, layer in peft_model.adapter_layers()
         if layer.holds(adapter_name) and not isinstance(layer, ModulesToSaveWrapper)
-    }
-    if not classes:
-        return ()
-    return tuple(sorted(set.intersection(*(set(cls.hotswap_fields) for cls in classes))))
+    ]
+    return tuple(sorted(set.intersection(*allowed))) if allowed else ()
 
 
 def _check_compatible(peft_model: PeftModel, adapter_name: str, new: PeftConfig, folder: Path) -> None:

@@ -286,6 +286,28 @@ def peftkit_dense_layer(layer: nn.Module, dtype: torch.dtype | None) -> nn.Modul
     """
 
 
+# --- compiling -------------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def peftkit_prepare_compiled_hotswap(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, target_rank: int | None
+) -> bool | None:
+    """Make the adapter ready to be hot-swapped in a compiled model without recompiling.
+
+    firstresult. Called by :func:`peftkit.prepare_model_for_compiled_hotswap` for every adapter of the
+    model, before it is compiled. Afterwards, :func:`peftkit.hotswap_adapter` of any adapter that the
+    method accepts in this one's place must change no tensor's shape, dtype or device, and no Python value
+    that the forward reads: pad tensors to the largest shape to come, turn scalars that a swap changes
+    into tensors written in place, and let the layers' ``hotswap_fields_of`` allow what may now differ.
+    Check everything before changing anything, and raise a ``ValueError`` that names the adapter, the
+    layer and the limit where the adapter cannot be prepared.
+
+    :param target_rank: the largest rank that an adapter swapped in will have (for low-rank methods);
+        None to keep the ranks as they are.
+    :return: True when prepared; None when the config is not this plugin's method, or the method cannot
+        be prepared (the core then names it in its error, if no adapter could be prepared).
+    """
+
+
 # --- model methods ---------------------------------------------------------------------------------
 @hookspec
 def peftkit_model_methods() -> dict[str, Callable[..., Any]] | None:

@@ -79,6 +79,7 @@ def method_impl(method: str, **hookimpl_options: Any) -> Callable[[Callable], Ca
                 return None
             return func(*args)
 
+        answer_for_own_method.peftkit_method = method  # what plugins.may_answer reads
         return hookimpl(**hookimpl_options)(answer_for_own_method)
 
     return decorate

@@ -10,7 +10,7 @@ adapter on its rows (:meth:`peftkit.AdapterLayer.mixed_batch_output`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -88,9 +88,17 @@ class RowAdapters:
 
 
 @contextlib.contextmanager
-def rows_using(layers: list, names: list[str]) -> Iterator[RowAdapters]:
-    """Give every adapter layer the batch's per-row adapter names for the length of one call."""
+def rows_using(
+    layers: list, names: list[str], layouts: Iterable[tuple[tuple[str, ...], torch.device]] = ()
+) -> Iterator[RowAdapters]:
+    """Give every adapter layer the batch's per-row adapter names for the length of one call.
+
+    ``layouts``: the ``(adapters held, device)`` of the layers, whose :meth:`RowAdapters.row_index` is made
+    here, before any layer runs. A compiled layer then reads it as a tensor, and a batch naming other
+    adapters changes no guard (computed inside the graph, it would specialise on the names)."""
     rows = RowAdapters(list(names))
+    for held, device in layouts:
+        rows.row_index(held, device)
     for layer in layers:
         layer.row_adapters = rows
     try:

@@ -164,6 +164,7 @@ class PeftModel(nn.Module):
         self.active_adapters = names
         for _, layer in self.adapter_layers():
             layer.set_active(names)
+        self._note_answering()
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -175,6 +176,7 @@ class PeftModel(nn.Module):
         self.active_adapters = remaining
         for _, layer in self.adapter_layers():
             layer.set_active(remaining)
+        self._note_answering()
         self._update_trainable()
 
     def _remove(self, adapter_name: str) -> None:
@@ -250,10 +252,28 @@ class PeftModel(nn.Module):
         ]
         return {**dict(zip(names, args)), **kwargs}
 
+    def _note_answering(self) -> None:
+        """Note, per hook that rewrites a call, the active adapters whose method may answer it: only they are
+        asked. Noted when the active adapters change, so that a forward reads no adapter name, and a compiled
+        one does not recompile on ``set_adapter`` between adapters of methods that rewrite nothing (LoRA)."""
+        answering = {
+            rewrite: [
+                name for name in self.active_adapters if plugins.may_answer(rewrite, self.peft_config[name])
+            ]
+            for rewrite in plugins.REWRITING_HOOKS
+        }
+        self.__dict__["_answering"] = (plugins.generation(), answering)
+
+    def _adapters_answering(self, rewrite: Any) -> list[str]:
+        noted = self.__dict__.get("_answering")
+        if noted is None or noted[0] != plugins.generation():  # plugins (un)registered since
+            self._note_answering()
+        return self.__dict__["_answering"][1][rewrite.__name__]
+
     def _rewrite(self, inputs: dict[str, Any], rewrite: Any) -> dict[str, Any]:
         if self._adapters_disabled:
             return inputs
-        for name in self.active_adapters:
+        for name in self._adapters_answering(rewrite):
             changed = rewrite(self, self.peft_config[name], name, inputs)
             if changed is not None:
                 inputs = changed
@@ -264,13 +284,12 @@ class PeftModel(nn.Module):
         """Run the model with the active adapters; or, with ``adapter_names`` (one per row of the batch,
         ``"__base__"`` for none), each row with its own adapter, as PEFT's mixed batches do."""
         if adapter_names is not None:
-            with self._mixed_batch(adapter_names):
-                return self.base_model(*args, **kwargs)
+            return self._forward_mixed(adapter_names, args, kwargs)
         inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.transform_inputs)
         outputs = self.base_model(**inputs)
         if self._adapters_disabled:
             return outputs
-        for name in self.active_adapters:
+        for name in self._adapters_answering(plugins.transform_outputs):
             changed = plugins.transform_outputs(self, self.peft_config[name], name, inputs, outputs)
             if changed is not None:
                 outputs = changed
@@ -320,7 +339,7 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is a {spec.name} adapter ({spec.family}), which cannot differ from row to "
                     f"row of a batch; adapter_names takes adapters of the {', '.join(ROW_WISE_FAMILIES)} families"
                 )
-        layers = self._layers_for_mixed_batches()
+        layers, layouts = self._layers_for_mixed_batches()
         heads = [layer for layer in layers if isinstance(layer, ModulesToSaveWrapper)]
         with_heads = [name for name in dict.fromkeys(adapter_names) if any(head.holds(name) for head in heads)]
         if with_heads:
@@ -336,17 +355,51 @@ class PeftModel(nn.Module):
             )
         if self._adapters_disabled:
             raise ValueError("adapter_names cannot be used inside disable_adapter(); name rows '__base__' instead")
-        return rows_using(layers, adapter_names)
+        return rows_using(layers, adapter_names, layouts)
 
-    def _layers_for_mixed_batches(self) -> list[AdapterLayer]:
-        """The adapter layers, found again only when the set of adapters changed: walking a model with
-        many adapters costs more than a decoding step's adapter math."""
+    @torch.compiler.disable(
+        recursive=False,
+        reason="peftkit turns adapter_names into index tensors outside the graph; to compile mixed batches "
+        "with fullgraph=True, compile the base model in place instead: "
+        "model.get_base_model().compile(fullgraph=True)",
+    )
+    def _forward_mixed(self, adapter_names: list[str], args: tuple, kwargs: dict[str, Any]) -> Any:
+        """A mixed batch. Under torch.compile this frame is not traced, nor what reads the names (the model
+        it calls is): the names become per-row index tensors first, so the compiled model sees tensors, and
+        a batch naming other adapters runs the same graph."""
+        batch = self._open_mixed_batch(adapter_names)
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            self._close_mixed_batch(batch)
+
+    @torch.compiler.disable
+    def _open_mixed_batch(self, adapter_names: list[str]) -> contextlib.AbstractContextManager:
+        batch = self._mixed_batch(adapter_names)
+        batch.__enter__()
+        return batch
+
+    @staticmethod
+    @torch.compiler.disable
+    def _close_mixed_batch(batch: contextlib.AbstractContextManager) -> None:
+        batch.__exit__(None, None, None)
+
+    def _layers_for_mixed_batches(self) -> tuple[list[AdapterLayer], list[tuple[tuple[str, ...], Any]]]:
+        """The adapter layers, and the distinct ``(adapters held, device)`` of them (see
+        :func:`peftkit.mixed_batch.rows_using`), found again only when the set of adapters changed: walking
+        a model with many adapters costs more than a decoding step's adapter math."""
         key = tuple(self.peft_config)
         cached = self.__dict__.get("_mixed_batch_layers")
         if cached is None or cached[0] != key:
-            cached = (key, [layer for _, layer in self.adapter_layers()])
+            layers = [layer for _, layer in self.adapter_layers()]
+            layouts = {}
+            for layer in layers:
+                reference = next(layer.parameters(), None)
+                if reference is not None:
+                    layouts[(tuple(layer.adapter_names), reference.device)] = None
+            cached = (key, layers, list(layouts))
             self.__dict__["_mixed_batch_layers"] = cached
-        return cached[1]
+        return cached[1], cached[2]
 
     # --- merging ----------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:

@@ -45,6 +45,24 @@ PACKAGE_FOR_PEFT_TYPE = {
 }
 
 
+# the facade calls of the hooks that rewrite a call's inputs or outputs (PeftModel asks only the adapters
+# whose method may answer them; see may_answer)
+REWRITING_HOOKS = ("transform_inputs", "transform_outputs", "prepare_generation", "prepare_generation_step")
+
+# bumped whenever the plugins registered change (register, unregister, reset): what was derived from the
+# hook implementations registered then (PeftModel's answering adapters) is to be derived again
+_generation = 0
+
+
+def _bump_generation() -> None:
+    global _generation
+    _generation += 1
+
+
+def generation() -> int:
+    return _generation
+
+
 class PluginHost:
     """The plugin manager with what discovery found, and the method registry built from it."""
 
@@ -71,6 +89,7 @@ class PluginHost:
         if origin is not None:
             self.origins[registered] = origin
         self._methods = self._model_methods = None
+        _bump_generation()
         return registered
 
     def unregister(self, plugin: object) -> None:
@@ -78,6 +97,7 @@ class PluginHost:
         self.pm.unregister(plugin)
         self.origins.pop(name, None)
         self._methods = self._model_methods = None
+        _bump_generation()
 
     @property
     def methods(self) -> dict[str, MethodSpec]:
@@ -157,6 +177,7 @@ def reset(discover: bool = True) -> PluginHost:
     """Start over with a fresh host: for tests, and after installing a plugin in a running process."""
     global _host
     _host = PluginHost(discover=discover)
+    _bump_generation()
     return _host
 
 
@@ -233,6 +254,14 @@ def config_class_named(class_name: str) -> type | None:
 # --- typed hook calls ------------------------------------------------------------------------------
 def _hook() -> Any:
     return host().pm.hook
+
+
+def may_answer(rewrite: str, config: PeftConfig) -> bool:
+    """Whether any implementation of the hook behind the facade call ``rewrite`` (one of
+    ``REWRITING_HOOKS``) may answer for ``config``: one for its method (``method_impl``), or one for all."""
+    method = method_of(config)
+    implementations = getattr(_hook(), "peftkit_" + rewrite).get_hookimpls()
+    return any(getattr(impl.function, "peftkit_method", method) == method for impl in implementations)
 
 
 def inject_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
@@ -320,6 +349,16 @@ def load_extra_state_dict(
         peft_model=peft_model, config=config, adapter_name=adapter_name, state_dict=state_dict
     )
     return {key for answer in answers for key in answer}
+
+
+def prepare_compiled_hotswap(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, target_rank: int | None
+) -> bool:
+    return bool(
+        _hook().peftkit_prepare_compiled_hotswap(
+            peft_model=peft_model, config=config, adapter_name=adapter_name, target_rank=target_rank
+        )
+    )
 
 
 def layer_features(layer: nn.Module) -> LayerFeatures | None:

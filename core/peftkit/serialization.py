@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftkit import plugins
-from peftkit.adapter_layer import adapter_layers
+from peftkit.adapter_layer import AdapterLayer, adapter_layers
 from peftkit.config import PeftConfig, read_config_dict
 from peftkit.errors import AdapterLoadError
 from peftkit.injection import logical_path
@@ -34,11 +34,19 @@ def layer_tensors(
     parameters themselves, which loading copies into. Paths are those of the base model before any
     adapter wrapped it, so a key does not depend on which other adapters share the model.
     """
+    entries = _layer_entries(peft_model, adapter_name, key_root, for_saving)
+    return {key: tensor for key, (_, _, tensor) in entries.items()}
+
+
+def _layer_entries(
+    peft_model: PeftModel, adapter_name: str, key_root: str, for_saving: bool = False
+) -> dict[str, tuple[AdapterLayer, str, torch.Tensor]]:
+    """:func:`layer_tensors`, each tensor with its layer and its name there."""
     out = {}
     for path, layer in adapter_layers(peft_model.base_model.model):
         named = layer.saved_tensors(adapter_name) if for_saving else layer.adapter_parameters(adapter_name)
         for local, tensor in named:
-            out[f"{key_root}{logical_path(path)}.{local}"] = tensor
+            out[f"{key_root}{logical_path(path)}.{local}"] = (layer, local, tensor)
     return out
 
 
@@ -54,16 +62,18 @@ def load_adapter_state_dict(peft_model: PeftModel, adapter_name: str, state: dic
     """Copy saved tensors into a freshly injected adapter; any shape or key mismatch is an error."""
     config = peft_model.peft_config[adapter_name]
     spec = plugins.method_for_config(config)
-    expected = layer_tensors(peft_model, adapter_name, spec.key_root)
-    for key, target in expected.items():
+    expected = _layer_entries(peft_model, adapter_name, spec.key_root)
+    ready = {}
+    for key, (layer, local, target) in expected.items():
         if key not in state:
             raise AdapterLoadError(
                 f"the adapter file has no tensor {key!r}, which the adapter's config implies for this base model"
             )
-        check_shape(key, state[key], target)
+        ready[key] = layer.tensor_to_load(adapter_name, local, state[key])
+        check_shape(key, ready[key], target)
     with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(state[key])
+        for key, (_, _, target) in expected.items():
+            target.copy_(ready[key])
     rest = {key: value for key, value in state.items() if key not in expected}
     # asked even when nothing is left, so a method can say that a tensor it needs is missing
     taken = plugins.load_extra_state_dict(peft_model, config, adapter_name, rest)

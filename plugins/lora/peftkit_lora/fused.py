@@ -20,6 +20,11 @@ forward and backward, with autocast off. Where the base output ``y`` has another
 (a quantized base that returns float32), the update is cast to ``y``'s dtype and added, as the plain
 path's ``y + lora.to(y.dtype)`` does. The dropout mask is drawn in the dtype the input had before the
 cast, so a run under autocast drops the same elements as the float32 run with the same seed.
+
+The scale ``s`` is a Python float, or a 0-dim tensor once ``prepare_model_for_compiled_hotswap`` made it
+one (so that a compiled graph reads it as an input and a new alpha changes no guard). ``addmm`` takes
+only a number as its ``alpha``: a tensor scale multiplies the ``(N, r)`` down-projection instead, and
+backward reads it from the saved tensors.
 """
 
 from __future__ import annotations
@@ -94,24 +99,37 @@ def _down(
     return rows, dropped @ lora_a.t()
 
 
+Scale = float | torch.Tensor
+
+
 def _add_update(
-    result: torch.Tensor, down: torch.Tensor, lora_b: torch.Tensor, scaling: float
+    result: torch.Tensor, down: torch.Tensor, lora_b: torch.Tensor, scaling: Scale
 ) -> torch.Tensor:
     """``result + scaling · down Bᵀ`` as rows: one ``addmm`` where the dtypes agree, else the update is
     computed in the adapter's dtype and cast to ``result``'s, as the plain path does."""
     rows = _rows(result)
     if rows.dtype == down.dtype:
+        if isinstance(scaling, torch.Tensor):
+            return torch.addmm(rows, down * scaling, lora_b.t())
         return torch.addmm(rows, down, lora_b.t(), alpha=scaling)
     return rows + (down @ lora_b.t()).mul_(scaling).to(rows.dtype)
 
 
-def _lora_backward(ctx, grad, x, down, lora_a, lora_b, needs_x: bool, needs_a: bool, needs_b: bool):
+def _save_scaling(ctx, scaling: Scale) -> tuple[torch.Tensor, ...]:
+    """A tensor scale goes with the saved tensors (returned for ``save_for_backward``), a float on ``ctx``."""
+    ctx.scaling = None if isinstance(scaling, torch.Tensor) else scaling
+    return (scaling,) if isinstance(scaling, torch.Tensor) else ()
+
+
+def _lora_backward(
+    ctx, grad, x, down, lora_a, lora_b, scaling: Scale, needs_x: bool, needs_a: bool, needs_b: bool
+):
     """The gradient as rows ``g``, the gradient reaching ``x`` through the adapter (``drop'(u A)``), ∂A and ∂B.
 
     ``g`` keeps the output's dtype; the adapter's products run in the adapter's."""
     g = _rows(grad)
     g_adapter = g.to(down.dtype)
-    up = (g_adapter @ lora_b).mul_(ctx.scaling)
+    up = (g_adapter @ lora_b).mul_(scaling)
     mask = dropout_mask(_rows(x), ctx.p, ctx.seed, ctx.draw_dtype) if ctx.p > 0 else None
     through = grad_a = grad_b = None
     if needs_x:
@@ -121,25 +139,26 @@ def _lora_backward(ctx, grad, x, down, lora_a, lora_b, needs_x: bool, needs_a: b
     if needs_a:
         grad_a = up.t() @ (_rows(x) * mask if mask is not None else _rows(x))
     if needs_b:
-        grad_b = (g_adapter.t() @ down).mul_(ctx.scaling)
+        grad_b = (g_adapter.t() @ down).mul_(scaling)
     return g, through, grad_a, grad_b
 
 
 class LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, x, lora_a, lora_b, scaling: float, p: float, seed: int, draw_dtype=None):
+    def forward(ctx, result, x, lora_a, lora_b, scaling: Scale, p: float, seed: int, draw_dtype=None):
         _, down = _down(x, lora_a, p, seed, draw_dtype)
         out = _add_update(result, down, lora_b, scaling)
-        ctx.save_for_backward(x, down, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.seed, ctx.draw_dtype = scaling, p, seed, draw_dtype
+        ctx.save_for_backward(x, down, lora_a, lora_b, *_save_scaling(ctx, scaling))
+        ctx.p, ctx.seed, ctx.draw_dtype = p, seed, draw_dtype
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, down, lora_a, lora_b = ctx.saved_tensors
+        x, down, lora_a, lora_b, *scale_tensor = ctx.saved_tensors
+        scaling = scale_tensor[0] if scale_tensor else ctx.scaling
         with _autocast_off(grad.device.type):
             g, through, grad_a, grad_b = _lora_backward(
-                ctx, grad, x, down, lora_a, lora_b, *ctx.needs_input_grad[1:4]
+                ctx, grad, x, down, lora_a, lora_b, scaling, *ctx.needs_input_grad[1:4]
             )
         grad_x = through.view(x.shape) if through is not None else None
         # the base layer's backward reads the same gradient as 2-D rows: hand it the rows made here (a
@@ -149,22 +168,27 @@ class LoraLinear(torch.autograd.Function):
 
 class LinearWithLora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, seed: int, draw_dtype=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: Scale, p: float, seed: int, draw_dtype=None):
         rows, down = _down(x, lora_a, p, seed, draw_dtype)
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
-        out.addmm_(down, lora_b.t(), alpha=scaling)
+        if isinstance(scaling, torch.Tensor):
+            out.addmm_(down * scaling, lora_b.t())
+        else:
+            out.addmm_(down, lora_b.t(), alpha=scaling)
         # the base weight is needed only to pass the gradient on to x (the first layer's x needs none)
-        ctx.save_for_backward(x, down, weight if ctx.needs_input_grad[0] else None, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.seed, ctx.draw_dtype = scaling, p, seed, draw_dtype
+        kept_weight = weight if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x, down, kept_weight, lora_a, lora_b, *_save_scaling(ctx, scaling))
+        ctx.p, ctx.seed, ctx.draw_dtype = p, seed, draw_dtype
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        x, down, weight, lora_a, lora_b = ctx.saved_tensors
+        x, down, weight, lora_a, lora_b, *scale_tensor = ctx.saved_tensors
+        scaling = scale_tensor[0] if scale_tensor else ctx.scaling
         needs = ctx.needs_input_grad
         with _autocast_off(grad.device.type):
             g, through, grad_a, grad_b = _lora_backward(
-                ctx, grad, x, down, lora_a, lora_b, needs[0], needs[3], needs[4]
+                ctx, grad, x, down, lora_a, lora_b, scaling, needs[0], needs[3], needs[4]
             )
             grad_x = torch.addmm(through, g, weight).view(x.shape) if through is not None else None
             grad_bias = g.sum(0) if needs[2] else None
@@ -177,7 +201,7 @@ def linear_with_lora(
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    scaling: float,
+    scaling: Scale,
     p: float = 0.0,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scaling · lora_b(lora_a(dropout_p(x)))``; ``weight`` must be frozen.
@@ -200,7 +224,7 @@ def lora_linear(
     x: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    scaling: float,
+    scaling: Scale,
     p: float = 0.0,
 ) -> torch.Tensor:
     """``result + scaling · lora_b(lora_a(dropout_p(x)))`` for 2-D ``lora_a``/``lora_b`` weights.

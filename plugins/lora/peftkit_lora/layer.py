@@ -1,17 +1,25 @@
 """The LoRA layer: ΔW = scaling · B A, added to the base output as scaling · B(A(dropout(x))).
 
 With DoRA (``use_dora``) the layer computes m / ‖W + ΔW‖ · (W + ΔW) x instead: see :mod:`peftkit_lora.dora`.
+
+The forward pass reads its adapters as :class:`Adapter` tuples, kept up to date by every change of which
+adapters run (``set_adapter``, merging, deleting, a hot-swap): on a linear or convolutional layer without
+DoRA it looks up no adapter name, so a compiled forward does not guard on one. After
+``prepare_model_for_compiled_hotswap`` (:meth:`LoraLayer.prepare_compiled_hotswap`) an adapter's A and B
+hold ``target_rank`` rows and columns, the ones beyond its rank zero, and its scale is a 0-dim tensor
+changed in place: adapters of any rank up to ``target_rank`` and any alpha then swap in, or switch with
+``set_adapter``, without changing a shape or a guard.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from peftkit import AdapterLayer, plugins
+from peftkit import AdapterLayer, AdapterLoadError, plugins
 from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR
 from torch import nn
 
@@ -41,6 +49,23 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     )
 
 
+class Adapter(NamedTuple):
+    """One adapter of a layer as the forward pass reads it.
+
+    A and B are read from their modules at each call, never kept: FSDP2, ``torch.func.functional_call``
+    and parametrizations put other tensors in those modules. The name is read only where tensors are
+    looked up by name (an embedding's A and B, DoRA's magnitude), so a compiled forward of a linear or
+    convolutional layer guards on no adapter name.
+    """
+
+    name: str
+    lora_a: nn.Module | None  # A's module (linear or convolution); None on an embedding
+    lora_b: nn.Module | None
+    scaling: float | torch.Tensor  # a 0-dim tensor once prepared for compiled hot-swaps
+    dropout: nn.Module
+    dora: bool
+
+
 class LoraLayer(AdapterLayer):
     adapter_tensor_names: ClassVar[tuple[str, ...]] = (
         "lora_A",
@@ -55,6 +80,7 @@ class LoraLayer(AdapterLayer):
         "lora_alpha",
         "scaling",
         "merged_norms",
+        "target_rank",
     )
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D, CONV3D, EMBEDDING)
     # a hot-swapped adapter may differ in these: they only set ``scaling`` (see update_scalars)
@@ -74,7 +100,10 @@ class LoraLayer(AdapterLayer):
         self.merged_norms: dict[str, torch.Tensor] = {}  # DoRA: ‖W + ΔW‖ at merge time, to unmerge exactly
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.scaling: dict[str, float | torch.Tensor] = {}
+        # adapters prepared for compiled hot-swaps: the rank their A and B hold (r stays the adapter's own)
+        self.target_rank: dict[str, int] = {}
+        self._pending: tuple[Adapter, ...] = ()  # the active, unmerged adapters, in order: what forward runs
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         r = pattern_value(config.rank_pattern, module_name, config.r)
@@ -111,13 +140,79 @@ class LoraLayer(AdapterLayer):
             if f.kind in _CONV:  # PEFT keeps a convolution's magnitude shaped (1, out, 1, ...)
                 norms = norms.view(1, -1, *([1] * len(f.kernel_size)))
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(norms)
+        self._refresh_pending()
 
     def update_scalars(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
-        """After a hot-swap: alpha and scaling from the new config; the rank is the layer's, unchanged."""
+        """After a hot-swap: alpha and scaling from the new config. The rank is the layer's, unchanged,
+        unless the adapter was prepared for compiled hot-swaps: then it is the new adapter's (at most
+        ``target_rank``). A tensor scale is written in place, so a compiled graph reading it stays valid."""
+        if adapter_name in self.target_rank:
+            self.r[adapter_name] = pattern_value(config.rank_pattern, module_name, config.r)
         r = self.r[adapter_name]
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.lora_alpha[adapter_name] = alpha
-        self.scaling[adapter_name] = alpha / (math.sqrt(r) if config.use_rslora else r)
+        scaling = alpha / (math.sqrt(r) if config.use_rslora else r)
+        if isinstance(self.scaling[adapter_name], torch.Tensor):
+            self.scaling[adapter_name].fill_(scaling)
+        else:
+            self.scaling[adapter_name] = scaling
+            self._refresh_pending()
+
+    def hotswap_fields_of(self, adapter_name: str) -> tuple[str, ...]:
+        """Once prepared for compiled hot-swaps, the rank may differ too (up to ``target_rank``)."""
+        if adapter_name in self.target_rank:
+            return (*self.hotswap_fields, "r", "rank_pattern")
+        return self.hotswap_fields
+
+    # --- compiled hot-swaps ---------------------------------------------------------------------
+    def held_rank(self, adapter_name: str) -> int:
+        """The rank A and B hold: the adapter's rank, or ``target_rank`` once padded."""
+        return self._factor_parameters(adapter_name)[0].shape[0]
+
+    def prepare_compiled_hotswap(self, adapter_name: str, target_rank: int | None) -> None:
+        """Pad A's rows and B's columns with zeros to ``target_rank`` (None: keep the rank held), and make the
+        scale a 0-dim tensor on A's device. The adapter computes what it did; its parameters are new tensors
+        in the same ``Parameter`` objects, so build an optimizer afterwards. Callers check the rank first."""
+        held = self.held_rank(adapter_name)
+        rank = held if target_rank is None else target_rank
+        if rank < held:
+            raise ValueError(f"cannot pad adapter {adapter_name!r} of rank {held} down to {rank}")
+        a, b = self._factor_parameters(adapter_name)
+        with torch.no_grad():
+            a.data = torch.cat([a.data, a.new_zeros(rank - held, *a.shape[1:])])
+            b.data = torch.cat([b.data, b.new_zeros(b.shape[0], rank - held, *b.shape[2:])], dim=1)
+        if self.features.kind != EMBEDDING:  # keep the modules' sizes true to their weights
+            _set_rank_size(self.lora_A[adapter_name], out=rank)
+            _set_rank_size(self.lora_B[adapter_name], into=rank)
+        scaling = self.scaling[adapter_name]
+        if not isinstance(scaling, torch.Tensor):
+            self.scaling[adapter_name] = torch.tensor(float(scaling), dtype=torch.float32, device=a.device)
+        self.target_rank[adapter_name] = rank
+        self._stack_cache = None
+        self._refresh_pending()
+
+    def saved_tensors(self, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
+        """As the file holds them: a padded adapter's A and B cut back to its own rank, as PEFT expects."""
+        tensors = self.adapter_parameters(adapter_name)
+        if adapter_name not in self.target_rank:
+            return tensors
+        r = self.r[adapter_name]
+        return [(name, _cut_rank(name, tensor, r)) for name, tensor in tensors]
+
+    def tensor_to_load(self, adapter_name: str, name: str, saved: torch.Tensor) -> torch.Tensor:
+        """A saved A or B of a padded adapter, padded with zeros to the rank the layer holds."""
+        dim = _rank_dim(name)
+        if adapter_name not in self.target_rank or dim is None or saved.dim() <= dim:
+            return saved  # the loader's shape check speaks for a tensor of another form
+        rank, held = saved.shape[dim], self.target_rank[adapter_name]
+        if rank > held:
+            raise AdapterLoadError(
+                f"tensor {name!r} of adapter {adapter_name!r} has rank {rank}, above the rank {held} that "
+                f"prepare_model_for_compiled_hotswap(target_rank={held}) padded this adapter to: prepare the "
+                "model with a target_rank of at least the largest rank you will swap in"
+            )
+        padding = [0, 0] * (saved.dim() - 1 - dim) + [0, held - rank]
+        return F.pad(saved, padding)
 
     def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
         """PiSSA / OLoRA: the adapter takes the top of W, the base layer keeps the residual."""
@@ -137,12 +232,70 @@ class LoraLayer(AdapterLayer):
             self.lora_B[adapter_name].weight.copy_(b)
         plugins.write_weight(base, weight - scaling * (b @ a))
 
-    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B as 2-D matrices, ``(r, K)`` and ``(out, r)``, in the row layout of :meth:`_rows`."""
+    def _factor_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """A and B as the layer holds them (a convolution's with their kernel dimensions)."""
         if self.features.kind == EMBEDDING:
             return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
-        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as 2-D matrices, ``(r, K)`` and ``(out, r)``, in the row layout of :meth:`_rows`."""
+        a, b = self._factor_parameters(adapter_name)
         return a.flatten(1), b.flatten(1)
+
+    def _adapter(self, adapter_name: str) -> Adapter:
+        modules = (None, None) if self.features.kind == EMBEDDING else (self.lora_A, self.lora_B)
+        return Adapter(
+            adapter_name,
+            *(container[adapter_name] if container is not None else None for container in modules),
+            self.scaling[adapter_name],
+            self.lora_dropout[adapter_name],
+            adapter_name in self.lora_magnitude_vector,
+        )
+
+    def _factors_of(self, adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's A and B as they are now."""
+        if adapter.lora_a is None:
+            return self.lora_embedding_A[adapter.name], self.lora_embedding_B[adapter.name]
+        return adapter.lora_a.weight, adapter.lora_b.weight
+
+    def _refresh_pending(self) -> None:
+        self._pending = tuple(
+            self._adapter(name) for name in self.active_adapters if name not in self.merged_adapters
+        )
+
+    # every change of which adapters run, or of what they hold, goes through one of these
+    def set_active(self, adapter_names: list[str]) -> None:
+        super().set_active(adapter_names)
+        self._refresh_pending()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._stack_cache = self._plan_cache = None
+        self._refresh_pending()
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        try:
+            super().merge(adapter_names, safe_merge)
+        finally:
+            self._refresh_pending()
+
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        try:
+            super().unmerge(adapter_names)
+        finally:
+            self._refresh_pending()
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moving the layer (``.to(device)``) moves tensor scales with A: ``nn.Module`` does not hold them."""
+        super()._apply(fn, recurse)
+        for name, scaling in self.scaling.items():
+            device = self._factor_parameters(name)[0].device
+            if isinstance(scaling, torch.Tensor) and scaling.device != device:
+                self.scaling[name] = scaling.to(device)
+        self._stack_cache = None
+        self._refresh_pending()
+        return self
 
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
         """A dense weight as one row per output feature (an embedding's output features are its columns)."""
@@ -171,12 +324,15 @@ class LoraLayer(AdapterLayer):
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
     def adapter_output(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        return self._add_adapters(x, result, [self._adapter(name) for name in adapter_names])
+
+    def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, adapters) -> torch.Tensor:
         base_result = result
         out_dtype = result.dtype
-        for name in adapter_names:
+        for adapter in adapters:
+            a, b = self._factors_of(adapter)
             if self.features.kind == EMBEDDING:
                 base = self.get_base_layer()
-                a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
                 after_a = F.embedding(
                     x,
                     a.T,
@@ -186,70 +342,70 @@ class LoraLayer(AdapterLayer):
                     base.scale_grad_by_freq,
                     base.sparse,
                 )
-                lora = (after_a @ b.T) * self.scaling[name]
+                lora = (after_a @ b.T) * adapter.scaling
                 h = None
-            elif self._fuses(name, x):
-                result = fused.lora_linear(
-                    result,
-                    x,
-                    self.lora_A[name].weight,
-                    self.lora_B[name].weight,
-                    self.scaling[name],
-                    self._dropout_p(name),
-                )
+            elif self._fuses(adapter, a, x):
+                result = fused.lora_linear(result, x, a, b, adapter.scaling, self._dropout_p(adapter))
                 continue
             else:
-                a, b = self.lora_A[name], self.lora_B[name]
-                h = self.lora_dropout[name](x.to(a.weight.dtype))
-                lora = b(a(h)) * self.scaling[name]
-            if name in self.lora_magnitude_vector:
-                result = result + self._dora_output(name, h, base_result, lora).to(out_dtype)
+                h = adapter.dropout(x.to(a.dtype))
+                lora = self._low_rank(h, a, b) * adapter.scaling
+            if adapter.dora:
+                result = result + self._dora_output(adapter, a, b, h, base_result, lora).to(out_dtype)
             else:
                 result = result + lora.to(out_dtype)
         return result
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = None if args or kwargs else self._fuses_with_base(x)
-        if name is None:
-            return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        return fused.linear_with_lora(
-            x,
-            base.weight,
-            base.bias,
-            self.lora_A[name].weight,
-            self.lora_B[name].weight,
-            self.scaling[name],
-            self._dropout_p(name),
-        )
+    def _low_rank(self, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """B(A(h)), as the modules ``lora_A`` and ``lora_B`` compute it."""
+        if self.features.kind == LINEAR:
+            return F.linear(F.linear(h, a), b)
+        _, conv_fn = _CONV[self.features.kind]
+        return conv_fn(conv_fn(h, a, None, self.features.stride, self.features.padding), b)
 
-    def _fuses_with_base(self, x: torch.Tensor) -> str | None:
-        """The one pending adapter, where its node can compute the base output too: the base is a bare
-        ``nn.Linear`` (no hooks that its own call would run) with a frozen weight, and one dtype throughout
-        (or autocast on, which casts every input to its dtype)."""
-        if self.disabled or self.row_adapters is not None or not self.use_fused_linear:
-            return None
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled or self.row_adapters is not None:
+            return super().forward(x, *args, **kwargs)
+        pending = self._pending
+        if len(pending) == 1 and not (args or kwargs):
+            adapter = pending[0]
+            a, b = self._factors_of(adapter)
+            if self._fuses_with_base(adapter, a, x):
+                base = self.base_layer
+                p = self._dropout_p(adapter)
+                return fused.linear_with_lora(x, base.weight, base.bias, a, b, adapter.scaling, p)
+        result = self.base_layer(x, *args, **kwargs)
+        return self._add_adapters(x, result, pending) if pending else result
+
+    def _fuses_with_base(self, adapter: Adapter, a: torch.Tensor, x: torch.Tensor) -> bool:
+        """Whether the adapter's node can compute the base output too: the base is a bare ``nn.Linear`` (no
+        hooks that its own call would run) with a frozen weight, and one dtype throughout (or autocast on,
+        which casts every input to its dtype)."""
         base = self.base_layer
         if type(base) is not nn.Linear or base.weight.requires_grad or _has_forward_hooks(base):
-            return None
-        pending = [name for name in self.active_adapters if name not in self.merged_adapters]
-        if len(pending) != 1 or not self._fuses(pending[0], x, base.weight):
-            return None
-        return pending[0]
+            return False
+        return self._fuses(adapter, a, x, base.weight)
 
     def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
         """Every row's own adapter at once: two ``bmm`` over the tokens grouped by adapter, against the
         adapters' stacked A and B (scale folded into B), so each adapter's weights are read once."""
-        held, grouped_path = self._mixed_batch_plan(rows)
+        if torch.compiler.is_compiling():
+            # every adapter the layer holds, not the batch's: which ones a batch names changes no guard
+            held = tuple(self.adapter_names)
+            grouped_path = self.features.kind == LINEAR and not self.lora_magnitude_vector
+        else:
+            held, grouped_path = self._mixed_batch_plan(rows)
         if not grouped_path:
             return super().mixed_batch_output(x, result, rows)
         if not held:
             return result
-        if self.training and any(self._dropout_p(name) for name in held):
+        if self.training and any(self._dropout_p(self._adapter(name)) for name in held):
             raise ValueError(
                 "a mixed batch (adapter_names=...) runs LoRA without dropout: call model.eval(), or train "
                 "with lora_dropout=0"
             )
+        if torch.compiler.is_compiling():
+            return self._mixed_batch_compiled(x, result, rows, held)
         lora_a, lora_b = self._stacked(held)
         rows_x = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
         grouping = rows.grouping(held, rows_x.shape[0] // x.shape[0], x.device)
@@ -261,6 +417,17 @@ class LoraLayer(AdapterLayer):
         flat = result.reshape(-1, result.shape[-1])
         return (flat + padded_update.index_select(0, grouping.scatter).to(flat.dtype)).view(result.shape)
 
+    def _mixed_batch_compiled(self, x: torch.Tensor, result: torch.Tensor, rows, held: tuple[str, ...]):
+        """Under torch.compile: each row gathers its adapter's stacked A and B by index (a zero slot for rows
+        without one here). Only tensors change from batch to batch, so a new set of adapters recompiles
+        nothing; the stacks are built in the graph, as it can keep no cache between calls."""
+        positions = rows.row_index(held, x.device)
+        lora_a, lora_b = self._stacked(held, zero_slot=True)
+        slot = torch.where(positions >= 0, positions, len(held))
+        rows_x = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_a.dtype)
+        update = torch.bmm(torch.bmm(rows_x, lora_a[slot]), lora_b[slot])
+        return result + update.view(result.shape).to(result.dtype)
+
     def _mixed_batch_plan(self, rows) -> tuple[tuple[str, ...], bool]:
         """The adapters of the batch this layer holds, and whether the grouped path can run them (a
         linear layer, no DoRA); kept while the batch names the same adapters and the layer holds the same."""
@@ -271,50 +438,69 @@ class LoraLayer(AdapterLayer):
             self._plan_cache = (key, held, grouped_path)
         return self._plan_cache[1], self._plan_cache[2]
 
-    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aᵀ as ``(adapters, in, r)`` and (s·B)ᵀ as ``(adapters, r, out)``, ranks zero-padded to the largest.
+    def _stacked(self, names: tuple[str, ...], zero_slot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aᵀ as ``(adapters, in, r)`` and (s·B)ᵀ as ``(adapters, r, out)``, ranks zero-padded to the largest;
+        with ``zero_slot``, one more adapter of zeros at the end.
 
         Kept between calls while no gradient is taken and no tensor or scale has changed (a tensor
-        changed in place, by an optimizer or a load, bumps its version)."""
-        cached = self._stack_cache
-        if cached is not None and cached[0] == (names, [self.scaling[name] for name in names]):
-            tensors, stamp, stacks = cached[1:]
-            if stamp == [t._version for t in tensors]:
-                return stacks
-        tensors = [t for name in names for t in (self.lora_A[name].weight, self.lora_B[name].weight)]
-        rank = max(self.r[name] for name in names)
+        changed in place, by an optimizer, a load or a hot-swap, bumps its version); never under compile."""
+        compiling = torch.compiler.is_compiling()
+        scales = [self.scaling[name] for name in names]
+        if not compiling:
+            key = (names, zero_slot, [id(s) if isinstance(s, torch.Tensor) else s for s in scales])
+            cached = self._stack_cache
+            if cached is not None and cached[0] == key:
+                tensors, stamp, stacks = cached[1:]
+                if stamp == [t._version for t in tensors]:
+                    return stacks
+        tensors = [t for name in names for t in self._factor_parameters(name)]
+        rank = max(a.shape[0] for a in tensors[0::2])
         a_rows = [F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in tensors[0::2]]
-        b_cols = [F.pad(b * self.scaling[name], (0, rank - b.shape[1])) for name, b in zip(names, tensors[1::2])]
+        b_cols = [F.pad(b * s, (0, rank - b.shape[1])) for s, b in zip(scales, tensors[1::2])]
+        if zero_slot:
+            a_rows.append(a_rows[0].new_zeros(a_rows[0].shape))
+            b_cols.append(b_cols[0].new_zeros(b_cols[0].shape))
         # laid out for x @ A then @ B: bmm reads them contiguously, with no transposed copy per call
-        stacks = torch.stack(a_rows).transpose(1, 2).contiguous(), torch.stack(b_cols).transpose(1, 2).contiguous()
+        stacks = (
+            torch.stack(a_rows).transpose(1, 2).contiguous(),
+            torch.stack(b_cols).transpose(1, 2).contiguous(),
+        )
+        if compiling:
+            return stacks
         if torch.is_grad_enabled() and any(t.requires_grad for t in stacks):
             self._stack_cache = None
         else:
+            tensors += [s for s in scales if isinstance(s, torch.Tensor)]  # a hot-swap fills them in place
             stamp = [t._version for t in tensors]
-            self._stack_cache = ((names, [self.scaling[name] for name in names]), tensors, stamp, stacks)
+            self._stack_cache = (key, tensors, stamp, stacks)
         return stacks
 
-    def _dropout_p(self, name: str) -> float:
-        dropout = self.lora_dropout[name]
+    @staticmethod
+    def _dropout_p(adapter: Adapter) -> float:
+        dropout = adapter.dropout
         return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
-    def _fuses(self, name: str, x: torch.Tensor, base_weight: torch.Tensor | None = None) -> bool:
+    def _fuses(
+        self, adapter: Adapter, a: torch.Tensor, x: torch.Tensor, base_weight: torch.Tensor | None = None
+    ) -> bool:
         """Whether the fused node computes what the plain modules would: a linear layer, no DoRA, and a
         dtype the node can compute in (see :func:`peftkit_lora.fused.compute_dtype`; ``base_weight`` when
         the node is to compute the base output too)."""
         return (
             self.use_fused_linear
             and self.features.kind == LINEAR
-            and name not in self.lora_magnitude_vector
-            and fused.compute_dtype(x, self.lora_A[name].weight, base_weight) is not None
+            and not adapter.dora
+            and fused.compute_dtype(x, a, base_weight) is not None
             # the node draws its dropout seed as a Python int, which torch.compile cannot trace: compiled,
             # the plain modules run, and the compiler keeps the dropout mask its own way
-            and not (self._dropout_p(name) > 0 and torch.compiler.is_compiling())
+            and not (self._dropout_p(adapter) > 0 and torch.compiler.is_compiling())
         )
 
     def _dora_output(
         self,
-        name: str,
+        adapter: Adapter,
+        a: torch.Tensor,
+        b: torch.Tensor,
         dropped: torch.Tensor | None,
         base_result: torch.Tensor,
         lora: torch.Tensor,
@@ -326,9 +512,9 @@ class LoraLayer(AdapterLayer):
         """
         base = self.get_base_layer()
         weight = plugins.read_weight(base)
-        norm = dora.row_norms(self._rows(weight), *self._factors(name), self.scaling[name])
-        scale = self._feature_view(self.lora_magnitude_vector[name].flatten() / norm, lora)
-        if dropped is None or not self.training or isinstance(self.lora_dropout[name], nn.Identity):
+        norm = dora.row_norms(self._rows(weight), a.flatten(1), b.flatten(1), adapter.scaling)
+        scale = self._feature_view(self.lora_magnitude_vector[adapter.name].flatten() / norm, lora)
+        if dropped is None or not self.training or isinstance(adapter.dropout, nn.Identity):
             plain = base_result
             bias = getattr(base, "bias", None)
             if isinstance(bias, torch.Tensor):
@@ -377,3 +563,28 @@ class LoraLayer(AdapterLayer):
         if self.features.kind == EMBEDDING:
             return weight * scale[None, :]
         return weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+
+
+def _rank_dim(name: str) -> int | None:
+    """Where a LoRA tensor (named as saved, relative to its layer) holds the rank: A's rows, B's columns."""
+    if name in ("lora_A.weight", "lora_embedding_A"):
+        return 0
+    if name in ("lora_B.weight", "lora_embedding_B"):
+        return 1
+    return None
+
+
+def _cut_rank(name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    dim = _rank_dim(name)
+    return tensor if dim is None else tensor.narrow(dim, 0, rank)
+
+
+def _set_rank_size(module: nn.Module, out: int | None = None, into: int | None = None) -> None:
+    """Record a padded rank in a ``lora_A`` (``out``) or ``lora_B`` (``into``) module's size attributes."""
+    names = (
+        ("out_features", "in_features") if isinstance(module, nn.Linear) else ("out_channels", "in_channels")
+    )
+    if out is not None:
+        setattr(module, names[0], out)
+    if into is not None:
+        setattr(module, names[1], into)

@@ -79,3 +79,29 @@ def peftkit_load_adapter_state_dict(peft_model, config: LoraConfig, adapter_name
     from peftkit_lora.layer import LoraLayer
 
     return biases.load_biases(peft_model, config, adapter_name, LoraLayer, state_dict)
+
+
+@method_impl("lora")
+def peftkit_prepare_compiled_hotswap(peft_model, config: LoraConfig, adapter_name: str, target_rank):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit.injection import logical_path
+
+    from peftkit_lora.layer import LoraLayer
+
+    layers = [
+        (logical_path(path), layer)
+        for path, layer in peft_model.adapter_layers()
+        if isinstance(layer, LoraLayer) and layer.holds(adapter_name)
+    ]
+    for path, layer in layers if target_rank is not None else ():
+        held = layer.held_rank(adapter_name)
+        if held > target_rank:
+            padded = f" (padded to {held} by an earlier call)" if adapter_name in layer.target_rank else ""
+            raise ValueError(
+                f"adapter {adapter_name!r} holds rank {held}{padded} in {path!r}, above "
+                f"target_rank={target_rank}: target_rank must be at least the largest rank of the adapters "
+                "loaded and to be swapped in"
+            )
+    for _, layer in layers:
+        layer.prepare_compiled_hotswap(adapter_name, target_rank)
+    return True

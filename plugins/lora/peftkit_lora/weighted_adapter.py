@@ -134,9 +134,13 @@ def _combined_config(configs: list[LoraConfig], rank: int) -> LoraConfig:
 
 
 def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B at the adapter's own rank (an adapter prepared for compiled hot-swaps holds more, as zeros)."""
     if layer.features.kind == EMBEDDING:
-        return layer.lora_embedding_A[name].detach().float(), layer.lora_embedding_B[name].detach().float()
-    return layer.lora_A[name].weight.detach().float(), layer.lora_B[name].weight.detach().float()
+        a, b = layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    else:
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    r = layer.r[name]
+    return a[:r].detach().float(), b[:, :r].detach().float()
 
 
 def _cat(layer: LoraLayer, present: list[tuple[str, float]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -30,10 +32,13 @@ def plain(result, x, a, b, scaling, p, seed):
     p=st.sampled_from([0.0, 0.25, 0.6]),
     seed=st.integers(0, 2**31),
     batched=st.booleans(),
+    tensor_scale=st.booleans(),
 )
 def test_fused_node_matches_plain_math_in_value_and_gradient(
-    rows, in_features, out_features, r, scaling, p, seed, batched
+    rows, in_features, out_features, r, scaling, p, seed, batched, tensor_scale
 ):
+    """``tensor_scale``: the scale as a 0-dim float32 tensor (as prepare_model_for_compiled_hotswap makes)."""
+    scaling = torch.tensor(scaling) if tensor_scale else scaling
     torch.manual_seed(seed)
     shape = (2, rows) if batched else (rows,)
     tensors = [
@@ -64,10 +69,12 @@ def test_fused_node_matches_plain_math_in_value_and_gradient(
     p=st.sampled_from([0.0, 0.25, 0.6]),
     seed=st.integers(0, 2**31),
     with_bias=st.booleans(),
+    tensor_scale=st.booleans(),
 )
 def test_node_with_the_base_matches_linear_plus_lora(
-    rows, in_features, out_features, r, scaling, p, seed, with_bias
+    rows, in_features, out_features, r, scaling, p, seed, with_bias, tensor_scale
 ):
+    scaling = torch.tensor(scaling) if tensor_scale else scaling
     torch.manual_seed(seed)
     x = torch.randn(2, rows, in_features, dtype=torch.float64)
     weight = torch.randn(out_features, in_features, dtype=torch.float64)
@@ -315,3 +322,35 @@ def test_node_under_autocast_follows_autocasts_rules(dtype, result_dtype):
     for name, g, w in zip(("result", "A", "B"), got, want):
         assert g.dtype == w.dtype, name
         assert_close_in_norm(g, w, AUTOCAST_RTOL[dtype] / 4, name)
+
+
+def test_tensor_scales_train_as_float_scales_do():
+    """After prepare_model_for_compiled_hotswap (no padding) the nodes get 0-dim tensor scales: the same
+    loss and gradients in float32; under bf16 autocast as close to float32 as with float scales."""
+    from peftkit import prepare_model_for_compiled_hotswap
+
+    config = LoraConfig(r=4, lora_alpha=7, target_modules="all-linear", init_lora_weights=False)
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def step(prepare, amp=None):
+        model = get_peft_model(tiny_llama(), config).train()
+        if prepare:
+            prepare_model_for_compiled_hotswap(model)
+            assert all(
+                isinstance(layer.scaling["default"], torch.Tensor) for _, layer in model.adapter_layers()
+            )
+        with torch.autocast("cpu", dtype=amp) if amp else contextlib.nullcontext():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    def worst_error(run, reference):
+        """The largest gradient error, relative to that gradient's largest entry."""
+        return max((got - want).abs().max() / want.abs().max() for got, want in zip(run[1], reference[1]))
+
+    reference, prepared = step(False), step(True)
+    torch.testing.assert_close(prepared[0], reference[0], rtol=1e-5, atol=1e-6)
+    assert worst_error(prepared, reference) < 1e-5
+    float_scale_bf16, tensor_scale_bf16 = step(False, torch.bfloat16), step(True, torch.bfloat16)
+    torch.testing.assert_close(tensor_scale_bf16[0], reference[0], rtol=1e-2, atol=1e-2)
+    assert worst_error(tensor_scale_bf16, reference) < 1.5 * worst_error(float_scale_bf16, reference)
