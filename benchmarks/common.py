@@ -14,9 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def reference_config() -> LlamaConfig:
-    """The issue's reference model: Llama-shaped, vocab 4000, hidden 768, 4 layers, grouped-query attention."""
+def reference_config(**changes) -> LlamaConfig:
+    """The issue's reference model: Llama-shaped, vocab 4000, hidden 768, 4 layers, grouped-query attention
+    (``changes``: other LlamaConfig fields, for a benchmark that needs them)."""
     return LlamaConfig(
+        **changes,
         vocab_size=4000,
         hidden_size=768,
         intermediate_size=2048,
@@ -27,10 +29,12 @@ def reference_config() -> LlamaConfig:
     )
 
 
-def reference_model(device: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
+def reference_model(
+    device: str, dtype: torch.dtype = torch.float32, seed: int = 0, **changes
+) -> LlamaForCausalLM:
     """The same random weights for every contender (same seed), in eval mode unless a benchmark trains."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(reference_config()).to(device=device, dtype=dtype)
+    model = LlamaForCausalLM(reference_config(**changes)).to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model
 
@@ -89,6 +93,21 @@ def interleaved(
             synchronize(device)
             seconds[name].append(time.perf_counter() - start)
     return Timing(seconds)
+
+
+def compiled_graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far (the counter survives a dynamo reset):
+    the difference across a call counts the graphs, first ones or recompiles, that the call compiled."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def failure(exc: Exception) -> str:
+    """An exception in one line, for a row that reports it instead of stopping the suite."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
 
 
 def saved_tensor_bytes(step: Callable[[], torch.Tensor], model: torch.nn.Module) -> tuple[int, int]:

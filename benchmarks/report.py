@@ -14,10 +14,15 @@ GOAL_X, ROW_HEIGHT, LABEL_WIDTH = 260, 26, 500
 
 
 def met(row: dict) -> bool | None:
-    return None if row["goal"] is None else row["figure"] <= row["goal"]
+    """None for a row without a goal; a row without a figure (not measured: its detail says why) misses it."""
+    if row["goal"] is None:
+        return None
+    return row["figure"] is not None and row["figure"] <= row["goal"]
 
 
 def _figure(row: dict) -> str:
+    if row["figure"] is None:
+        return "n/a"
     if row["against"] == "count":
         return f"{row['figure']:,}"
     if row["against"] == "bytes":
@@ -37,7 +42,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| what | figure | goal | met | measured |", "| --- | ---: | --- | :---: | --- |"]
     for row in rows:
         verdict = {True: "yes", False: "**no**", None: ""}[met(row)]
-        against = "" if row["against"] in ("count", "bytes") else f" {row['against']}"
+        bare = row["against"] in ("count", "bytes") or row["figure"] is None
+        against = "" if bare else f" {row['against']}"
         lines.append(
             f"| {row['what']} | {_figure(row)}{against} | {_goal(row)} | {verdict} | {row['detail']} |"
         )
@@ -46,7 +52,7 @@ def table(rows: list[dict]) -> str:
 
 def chart(rows: list[dict], title: str) -> str:
     """Each goal-bearing ratio as a bar, the goal as the vertical line: a bar left of it meets the goal."""
-    shown = [row for row in rows if row["goal"]]
+    shown = [row for row in rows if row["goal"] and row["figure"] is not None]
     height = 40 + ROW_HEIGHT * len(shown)
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{LABEL_WIDTH + 2 * GOAL_X + 80}" height="{height}" '
@@ -73,11 +79,12 @@ def chart(rows: list[dict], title: str) -> str:
 
 def section(rows: list[dict], setting: dict, svg_name: str) -> str:
     device = setting["device"]
+    skipped = f" Sections not run: {', '.join(setting['skipped'])}." if setting.get("skipped") else ""
     return (
         f"<!-- results:{device} -->\n"
         f"## Results on {device.upper()}\n\n"
         f"{setting['machine']}; {setting['rounds']} interleaved rounds per timing; {setting['date']}; "
-        f"{setting['versions']}.\n\n"
+        f"{setting['versions']}.{skipped}\n\n"
         f"{table(rows)}\n\n"
         f"![{device} results against their goals]({svg_name})\n"
         f"<!-- /results:{device} -->\n"

@@ -3,6 +3,7 @@
     python -m benchmarks.run                      # CPU, 2 threads: the default
     python -m benchmarks.run --device cuda        # on a GPU: writes the CUDA rows beside the CPU ones
     python -m benchmarks.run --rounds 5 --output /tmp/bench.md   # a quicker look, elsewhere
+    python -m benchmarks.run --skip graph-breaks --skip compiled-step  # without those sections
 
 Every figure is a ratio of medians over interleaved rounds in this one run (see benchmarks/common.py).
 """
@@ -20,7 +21,17 @@ import peftkit
 import torch
 import transformers
 
-from benchmarks import injection, loading, merging, mixed_batch, report, training_step
+from benchmarks import (
+    compiled_hotswap,
+    compiled_step,
+    graph_breaks,
+    injection,
+    loading,
+    merging,
+    mixed_batch,
+    report,
+    training_step,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,24 +41,45 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     parser.add_argument("--rounds", type=int, default=25, help="interleaved rounds per timing (default 25)")
+    parser.add_argument(
+        "--compile-repeats", type=int, default=3, help="cold compiles timed per library (default 3)"
+    )
+    parser.add_argument(
+        "--skip", action="append", default=[], metavar="SECTION", help="leave a section out (repeatable)"
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
 
-    sections = [
-        ("training step", lambda: training_step.run(args.device, args.rounds)),
-        ("mixed-adapter batch", lambda: mixed_batch.run(args.device, args.rounds)),
-        ("get_peft_model on a 7B meta model", lambda: injection.run(args.device, max(3, args.rounds // 3))),
-        ("merge exactness", lambda: merging.exactness(args.device)),
-        ("merged inference", lambda: merging.merged_speed(args.device, args.rounds)),
-        ("loading and hot-swap", lambda: loading.run(args.device, args.rounds)),
-    ]
+    sections = {  # key (for --skip): (what the run prints, the section)
+        "training-step": ("training step", lambda: training_step.run(args.device, args.rounds)),
+        "compiled-step": (
+            "compiled training step and first compile",
+            lambda: compiled_step.run(args.device, args.rounds, args.compile_repeats),
+        ),
+        "graph-breaks": ("graph breaks of every method", lambda: graph_breaks.run(args.device)),
+        "mixed-batch": ("mixed-adapter batch", lambda: mixed_batch.run(args.device, args.rounds)),
+        "injection": (
+            "get_peft_model on a 7B meta model",
+            lambda: injection.run(args.device, max(3, args.rounds // 3)),
+        ),
+        "merge-exactness": ("merge exactness", lambda: merging.exactness(args.device)),
+        "merged-inference": ("merged inference", lambda: merging.merged_speed(args.device, args.rounds)),
+        "loading": ("loading and hot-swap", lambda: loading.run(args.device, args.rounds)),
+        "compiled-hotswap": ("compiled hot-swap", lambda: compiled_hotswap.run(args.device)),
+    }
+    unknown = sorted(set(args.skip) - set(sections))
+    if unknown:
+        raise SystemExit(
+            f"--skip {', '.join(unknown)}: no such section; the sections are {', '.join(sections)}"
+        )
+    chosen = [(key, *sections[key]) for key in sections if key not in args.skip]
     rows = []
-    for index, (name, section) in enumerate(sections, 1):
+    for index, (key, name, section) in enumerate(chosen, 1):
         start = time.perf_counter()
-        print(f"[{index}/{len(sections)}] {name} ...", flush=True)
+        print(f"[{index}/{len(chosen)}] {name} ({key}) ...", flush=True)
         rows += section()
         print(f"      done in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -59,6 +91,7 @@ def main() -> None:
         "device": args.device,
         "machine": machine,
         "rounds": args.rounds,
+        "skipped": [key for key in sections if key in args.skip],
         "date": datetime.date.today().isoformat(),
         "versions": f"peftkit {peftkit.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
