@@ -115,6 +115,14 @@ def _add_update(
     return rows + (down @ lora_b.t()).mul_(scaling).to(rows.dtype)
 
 
+def _add_update_into(out: torch.Tensor, down: torch.Tensor, lora_b: torch.Tensor, scaling: Scale) -> None:
+    """``out += scaling · down Bᵀ`` in place, ``out`` as rows in the adapter's dtype."""
+    if isinstance(scaling, torch.Tensor):
+        out.addmm_(down * scaling, lora_b.t())
+    else:
+        out.addmm_(down, lora_b.t(), alpha=scaling)
+
+
 def _save_scaling(ctx, scaling: Scale) -> tuple[torch.Tensor, ...]:
     """A tensor scale goes with the saved tensors (returned for ``save_for_backward``), a float on ``ctx``."""
     ctx.scaling = None if isinstance(scaling, torch.Tensor) else scaling
@@ -171,10 +179,7 @@ class LinearWithLora(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: Scale, p: float, seed: int, draw_dtype=None):
         rows, down = _down(x, lora_a, p, seed, draw_dtype)
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
-        if isinstance(scaling, torch.Tensor):
-            out.addmm_(down * scaling, lora_b.t())
-        else:
-            out.addmm_(down, lora_b.t(), alpha=scaling)
+        _add_update_into(out, down, lora_b, scaling)
         # the base weight is needed only to pass the gradient on to x (the first layer's x needs none)
         kept_weight = weight if ctx.needs_input_grad[0] else None
         ctx.save_for_backward(x, down, kept_weight, lora_a, lora_b, *_save_scaling(ctx, scaling))
@@ -239,3 +244,145 @@ def lora_linear(
             return _add_update(result, _rows(x) @ lora_a.t(), lora_b, scaling).view(result.shape)
         seed = new_seed() if p > 0 else 0
         return LoraLinear.apply(result, x, lora_a, lora_b, scaling, p, seed, draw_dtype)
+
+
+# --- sibling layers that read one input (peftkit_lora.siblings) ------------------------------------------
+#
+# Layers that read the same input (q, k and v; gate and up) get their down-projections from one product,
+# ``x [A₁; A₂; …]ᵀ`` (:class:`GroupedDown`), and each adds its own update from its columns
+# (:class:`LinearWithDown` on a bare linear base, :class:`LoraUp` after any other). Only without dropout:
+# each layer would draw its own mask. The grouped node keeps ``x`` and the stacked A's for backward; each
+# layer keeps its columns of the down-projection (one storage for all of them), never ``x``.
+
+
+def stack_factors(factors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``[A₁; A₂; …]`` in ``dtype``, outside autograd: :class:`GroupedDown` returns each A's gradient."""
+    with torch.no_grad():
+        return torch.cat([factor.to(dtype) for factor in factors])
+
+
+class GroupedDown(torch.autograd.Function):
+    """``(x A₁ᵀ, x A₂ᵀ, …)`` from one product ``x Sᵀ``, ``S = [A₁; A₂; …]`` (``stacked``, in the dtype of ``x``).
+
+    With ``G = [g₁ g₂ …]`` the gradients of the outputs side by side: ∂x = G S and ∂S = Gᵀ x, one product
+    each; ∂Aᵢ is its rows of ∂S, in Aᵢ's dtype (as autocast's cast of Aᵢ passes it back)."""
+
+    @staticmethod
+    def forward(ctx, x, stacked, *factors):
+        ctx.save_for_backward(x, stacked)
+        ctx.ranks = [factor.shape[0] for factor in factors]
+        ctx.dtypes = [factor.dtype for factor in factors]
+        return (_rows(x) @ stacked.t()).split(ctx.ranks, dim=1)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, stacked = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_factors = None, [None] * len(ctx.ranks)
+        with _autocast_off(x.device.type):
+            g = torch.cat([grad.to(stacked.dtype) for grad in grads], dim=1)
+            if needs[0]:
+                grad_x = (g @ stacked).view(x.shape)
+            if any(needs[2:]):
+                parts = (g.t() @ _rows(x)).split(ctx.ranks)
+                grad_factors = [
+                    part.to(dtype) if need else None for part, dtype, need in zip(parts, ctx.dtypes, needs[2:])
+                ]
+        return grad_x, None, *grad_factors
+
+
+def grouped_down(x: torch.Tensor, factors: list[torch.Tensor], stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each factor's ``x Aᵀ``, from one product against ``stacked`` (:func:`stack_factors` of the factors in
+    the dtype :func:`compute_dtype` gives); under autocast ``x`` is cast to it first, as autocast would."""
+    cast = autocast_dtype(x.device.type)
+    if cast is None:
+        return GroupedDown.apply(x, stacked, *factors)
+    with _autocast_off(x.device.type):
+        return GroupedDown.apply(_cast(x, cast), stacked, *factors)
+
+
+class LinearWithDown(torch.autograd.Function):
+    """:class:`LinearWithLora` given the down-projection ``u = x Aᵀ`` made for it (by :class:`GroupedDown`):
+    y' = x Wᵀ + b + s · u Bᵀ. Backward: ∂x = g W, ∂u = s · g B, ∂B = s · gᵀ u; it keeps ``u``, not ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, lora_b, scaling: Scale):
+        rows = _rows(x)
+        out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        _add_update_into(out, down, lora_b, scaling)
+        kept_weight = weight if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(down, kept_weight, lora_b, *_save_scaling(ctx, scaling))
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        down, weight, lora_b, *scale_tensor = ctx.saved_tensors
+        scaling = scale_tensor[0] if scale_tensor else ctx.scaling
+        needs = ctx.needs_input_grad
+        grad_x = grad_bias = grad_down = grad_b = None
+        with _autocast_off(grad.device.type):
+            g = _rows(grad)
+            if needs[0]:
+                grad_x = (g @ weight).view(ctx.x_shape)
+            if needs[2]:
+                grad_bias = g.sum(0)
+            if needs[3]:
+                grad_down = (g @ lora_b).mul_(scaling)
+            if needs[4]:
+                grad_b = (g.t() @ down).mul_(scaling)
+        return grad_x, None, grad_bias, grad_down, grad_b, None
+
+
+class LoraUp(torch.autograd.Function):
+    """:class:`LoraLinear` given the down-projection ``u = x Aᵀ``: ``result + s · u Bᵀ``. Backward: ∂result = g,
+    ∂u = s · g B, ∂B = s · gᵀ u, the adapter's products in the adapter's dtype."""
+
+    @staticmethod
+    def forward(ctx, result, down, lora_b, scaling: Scale):
+        out = _add_update(result, down, lora_b, scaling)
+        ctx.save_for_backward(down, lora_b, *_save_scaling(ctx, scaling))
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        down, lora_b, *scale_tensor = ctx.saved_tensors
+        scaling = scale_tensor[0] if scale_tensor else ctx.scaling
+        needs = ctx.needs_input_grad
+        grad_down = grad_b = None
+        with _autocast_off(grad.device.type):
+            g = _rows(grad)
+            g_adapter = g.to(down.dtype)
+            if needs[1]:
+                grad_down = (g_adapter @ lora_b).mul_(scaling)
+            if needs[2]:
+                grad_b = (g_adapter.t() @ down).mul_(scaling)
+        return g.view(grad.shape), grad_down, grad_b, None
+
+
+def linear_with_down(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    down: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: Scale,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scaling · down Bᵀ``, ``down`` from :func:`grouped_down`; ``weight`` frozen."""
+    cast = autocast_dtype(x.device.type)
+    if cast is None:
+        return LinearWithDown.apply(x, weight, bias, down, lora_b, scaling)
+    x, weight, bias, lora_b = [_cast(t, cast) for t in (x, weight, bias, lora_b)]
+    with _autocast_off(x.device.type):
+        return LinearWithDown.apply(x, weight, bias, down, lora_b, scaling)
+
+
+def lora_up(result: torch.Tensor, down: torch.Tensor, lora_b: torch.Tensor, scaling: Scale) -> torch.Tensor:
+    """``result + scaling · down Bᵀ``, ``down`` from :func:`grouped_down`; ``result`` may have another dtype."""
+    cast = autocast_dtype(down.device.type)
+    if cast is not None:
+        lora_b = _cast(lora_b, cast)
+    with _autocast_off(down.device.type) if cast is not None else contextlib.nullcontext():
+        if not torch.is_grad_enabled():
+            return _add_update(result, down, lora_b, scaling).view(result.shape)
+        return LoraUp.apply(result, down, lora_b, scaling)
