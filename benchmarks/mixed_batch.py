@@ -71,7 +71,7 @@ def run(device: str, rounds: int) -> list[dict]:
         }
 
     return [
-        row("mixed batch: 64 rows, 32 adapters", "peftkit 32 adapters", "peftkit one adapter", 1.3, "one adapter"),
+        row("mixed batch: 64 rows, 32 adapters", "peftkit 32 adapters", "peftkit one adapter", 1.25, "one adapter"),
         row("PEFT's mixed batch: 64 rows, 32 adapters", "PEFT 32 adapters", "PEFT one adapter", None, "one adapter"),
         row("mixed batch: 64 rows, 32 adapters", "peftkit 32 adapters", "PEFT 32 adapters", None, "PEFT"),
     ]
