@@ -64,7 +64,13 @@ def _all_linear_names(model: nn.Module, config: Any) -> set[str]:
         excluded |= {path for path, module in model.named_modules() if module is output}
     elif getattr(config, "task_type", None) == TaskType.SEQ_CLS:
         excluded |= {path for path in names if path.split(".")[-1] in TASK_HEADS[TaskType.SEQ_CLS]}
-    return {path.split(".")[-1] for path in names - excluded}
+    chosen = names - excluded
+    short = {path.split(".")[-1] for path in chosen}
+    # a last name that also ends the path of a module left out would select it too (diffusers' "to_out.0"
+    # beside the block "down_blocks.0"): the layers of such a name are named by their whole paths
+    others = [path for path, _ in candidate_modules(model) if path not in chosen]
+    ambiguous = {name for name in short if any(path == name or path.endswith("." + name) for path in others)}
+    return (short - ambiguous) | {path for path in chosen if path.split(".")[-1] in ambiguous}
 
 
 def _layer_index(path: str, layers_pattern: Any) -> int | None:
@@ -155,9 +161,11 @@ def fill_default_targets(peft_model: Any, config: Any, defaults: dict[str, list[
     if model_type not in defaults:
         spec = plugins.method_for_config(config)
         package = spec.distribution or f"the {spec.name} plugin"
+        diffusers = type(peft_model.base_model.model).__module__.startswith("diffusers.")
+        example = ["to_q", "to_k", "to_v", "to_out.0"] if diffusers else ["q_proj", "v_proj"]
         raise TargetModulesError(
             f"{type(config).__name__}.target_modules is None and {package} has no default for model_type "
-            f"{model_type!r}; name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'])"
+            f"{model_type!r}; name the modules to adapt (e.g. target_modules={example!r})"
         )
     config.target_modules = list(defaults[model_type])
 

@@ -200,11 +200,81 @@ def inspect_adapter(folder: Path, name: str) -> dict[str, Any]:
         "parameters": sum(row["parameters"] for row in tensor_rows),
         "tensors": tensor_rows,
         "metadata": metadata,
+        "format": "peft",
     }
 
 
+def _diffusers_lora_file(path: Path) -> Path | None:
+    """The diffusers (or kohya) LoRA file ``path`` is or holds, where it is no PEFT adapter folder."""
+    from peftkit.integrations import diffusers_format
+
+    if path.is_file():
+        return path if path.suffix == ".safetensors" else None
+    if not path.is_dir() or (path / CONFIG_NAME).is_file():
+        return None
+    if (path / diffusers_format.WEIGHT_NAME).is_file():
+        return path / diffusers_format.WEIGHT_NAME
+    candidates = list(path.glob("*.safetensors"))
+    if len(candidates) != 1:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(candidates[0]), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError):
+        return None  # not a LoRA file: the folder gets the error of a folder without an adapter
+    return candidates[0] if diffusers_format.key_format(keys) is not None else None
+
+
+def inspect_diffusers_file(file: Path) -> list[dict[str, Any]]:
+    """A diffusers or kohya LoRA file as ``peftkit inspect --json`` reports it: one entry per pipeline
+    component (``unet``, ``transformer``, ``text_encoder``...) that it holds tensors for."""
+    from peftkit.integrations import diffusers_format
+
+    facts = diffusers_format.describe(file)
+    size = file.stat().st_size
+    entries = []
+    for component in facts["components"]:
+        owned = sorted(
+            diffusers_format.component_tensors(facts["tensors"], facts["format"], component).items()
+        )
+        tensor_rows = [
+            {
+                "name": key,
+                "shape": list(tensor.shape),
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "parameters": tensor.numel(),
+            }
+            for key, tensor in owned
+        ]
+        entries.append(
+            {
+                "name": component or "default",
+                "path": str(file),
+                "peft_type": facts["peft_type"],
+                **_method_facts(facts["peft_type"], facts["metadata"]),
+                "config": facts["config"].get(component, {}),
+                "file": file.name,
+                "size_bytes": size,
+                "size": human_size(size),
+                "parameters": sum(row["parameters"] for row in tensor_rows),
+                "tensors": tensor_rows,
+                "metadata": facts["metadata"],
+                "format": facts["format"],
+                "component": component or None,
+                "config_source": facts["config_source"],
+            }
+        )
+    return entries
+
+
 def inspect_report(path: Path) -> dict[str, Any]:
-    """The folder's own adapter ("default") and the adapters PEFT saves in sub-folders of their name."""
+    """The folder's own adapter ("default") and the adapters PEFT saves in sub-folders of their name; or,
+    for a diffusers LoRA file (or a folder holding one), each pipeline component it holds a LoRA for."""
+    lora_file = _diffusers_lora_file(path)
+    if lora_file is not None:
+        return {"path": str(path), "adapters": inspect_diffusers_file(lora_file)}
     nested = []
     if path.is_dir():
         nested = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_NAME).is_file())
@@ -223,6 +293,20 @@ def _method_line(adapter: dict[str, Any]) -> str:
     return f"{adapter['peft_type']}, method {adapter['method']!r} of plugin {adapter['plugin']!r} ({source})"
 
 
+def _format_line(adapter: dict[str, Any]) -> str:
+    if adapter["format"] == "kohya":
+        return (
+            f"kohya LoRA file (lora_unet_... keys), component {adapter['component']!r}; "
+            "diffusers converts its keys when loading"
+        )
+    if adapter["component"] is None:
+        return "diffusers LoRA file of one model, keys without a component prefix (load_lora_adapter(prefix=None))"
+    return (
+        f"diffusers LoRA file, component {adapter['component']!r} "
+        f"(pipeline.load_lora_weights, or load_lora_adapter(prefix={adapter['component']!r}))"
+    )
+
+
 def format_inspect(report: dict[str, Any]) -> str:
     lines: list[str] = []
     for adapter in report["adapters"]:
@@ -231,6 +315,7 @@ def format_inspect(report: dict[str, Any]) -> str:
         lines.append(f"Adapter {adapter['name']!r} at {adapter['path']}")
         facts = [
             ["method", _method_line(adapter)],
+            *([["format", _format_line(adapter)]] if adapter["format"] != "peft" else []),
             ["file", f"{adapter['file']}, {adapter['size_bytes']:,} bytes ({adapter['size']})"],
             ["parameters", f"{adapter['parameters']:,} in {len(adapter['tensors'])} tensors"],
         ]
@@ -238,7 +323,11 @@ def format_inspect(report: dict[str, Any]) -> str:
         lines.append("  metadata:" if adapter["metadata"] else "  metadata:   none")
         meta = [[key, value] for key, value in sorted(adapter["metadata"].items())]
         lines += table(["KEY", "VALUE"], meta, indent="    ") if meta else []
-        lines.append("  config:")
+        lines.append(
+            "  config:"
+            if adapter.get("config_source") != "tensor shapes"
+            else "  config:     none saved; read from the tensors:"
+        )
         config = [[key, json.dumps(value)] for key, value in sorted(adapter["config"].items())]
         lines += table(["FIELD", "VALUE"], config, indent="    ")
         lines.append("  tensors:")
@@ -257,7 +346,8 @@ def inspect_command(path: Path, as_json: bool) -> None:
     """Show an adapter folder: method, config, tensors (shape, dtype), parameter count, size, metadata.
 
     Reads adapter_config.json and the tensor file only; no base model is needed. Adapters PEFT saved in
-    sub-folders (PATH/<name>/) are shown too.
+    sub-folders (PATH/<name>/) are shown too. PATH may also be a diffusers LoRA file (diffusers' or kohya's
+    keys), or a folder holding one (pytorch_lora_weights.safetensors): one entry per pipeline component.
     """
     try:
         report = inspect_report(path)
