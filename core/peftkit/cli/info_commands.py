@@ -206,7 +206,7 @@ def inspect_adapter(folder: Path, name: str) -> dict[str, Any]:
 
 def _diffusers_lora_file(path: Path) -> Path | None:
     """The diffusers (or kohya) LoRA file ``path`` is or holds, where it is no PEFT adapter folder."""
-    from peftkit.integrations import diffusers_format
+    from peftkit.integrations import diffusers_format  # only `inspect` reads such files: `--help` stays light
 
     if path.is_file():
         return path if path.suffix == ".safetensors" else None
@@ -217,7 +217,7 @@ def _diffusers_lora_file(path: Path) -> Path | None:
     candidates = list(path.glob("*.safetensors"))
     if len(candidates) != 1:
         return None
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # not a dependency of `peftkit --help`
 
     try:
         with safe_open(str(candidates[0]), framework="pt") as handle:
@@ -230,7 +230,7 @@ def _diffusers_lora_file(path: Path) -> Path | None:
 def inspect_diffusers_file(file: Path) -> list[dict[str, Any]]:
     """A diffusers or kohya LoRA file as ``peftkit inspect --json`` reports it: one entry per pipeline
     component (``unet``, ``transformer``, ``text_encoder``...) that it holds tensors for."""
-    from peftkit.integrations import diffusers_format
+    from peftkit.integrations import diffusers_format  # only `inspect` reads such files: `--help` stays light
 
     facts = diffusers_format.describe(file)
     size = file.stat().st_size
