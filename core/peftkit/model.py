@@ -41,6 +41,15 @@ class AdaptedModel(nn.Module):
         self._on_optimizer_step(global_step)
 
 
+def _not_traced(reason: str):
+    """``torch.compiler.disable(recursive=False)`` with the reason ``fullgraph=True`` reports (torch >= 2.8;
+    older torch, which takes no reason, reports dynamo's own)."""
+    try:
+        return torch.compiler.disable(recursive=False, reason=reason)
+    except TypeError:
+        return torch.compiler.disable(recursive=False)
+
+
 class PeftModel(nn.Module):
     """A base model with adapters. Call it, ``generate`` with it and save it as you would the base model."""
 
@@ -357,11 +366,10 @@ class PeftModel(nn.Module):
             raise ValueError("adapter_names cannot be used inside disable_adapter(); name rows '__base__' instead")
         return rows_using(layers, adapter_names, layouts)
 
-    @torch.compiler.disable(
-        recursive=False,
-        reason="peftkit turns adapter_names into index tensors outside the graph; to compile mixed batches "
+    @_not_traced(
+        "peftkit turns adapter_names into index tensors outside the graph; to compile mixed batches "
         "with fullgraph=True, compile the base model in place instead: "
-        "model.get_base_model().compile(fullgraph=True)",
+        "model.get_base_model().compile(fullgraph=True)"
     )
     def _forward_mixed(self, adapter_names: list[str], args: tuple, kwargs: dict[str, Any]) -> Any:
         """A mixed batch. Under torch.compile this frame is not traced, nor what reads the names (the model

@@ -79,7 +79,7 @@ version = "0.1.0"
 description = "$method: a peftkit method"
 readme = "README.md"
 requires-python = ">=3.10"
-dependencies = ["$core_requirement", "torch>=2.2"]
+dependencies = ["$core_requirement", "torch>=2.4"]
 
 [project.optional-dependencies]
 test = ["pytest>=8", "hypothesis>=6.100"]

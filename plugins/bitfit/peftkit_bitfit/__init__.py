@@ -15,7 +15,7 @@ from peftkit_bitfit.config import BitFitConfig
 if TYPE_CHECKING:
     from peftkit_bitfit.layer import BitFitChannelNorm, BitFitLayer, BitFitLayerNorm
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 __all__ = ["BitFitChannelNorm", "BitFitConfig", "BitFitLayer", "BitFitLayerNorm", "__version__"]
 
 # Imported on first use: the layer module imports torch, and loading the plugin (peftkit methods) does not.

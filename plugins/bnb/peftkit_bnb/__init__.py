@@ -1,3 +1,3 @@
 """peftkit-bnb: bitsandbytes 4-bit (nf4, fp4) and 8-bit base layers for every peftkit weight method."""
 
-__version__ = "0.1.1"
+__version__ = "0.1.2"

@@ -8,6 +8,13 @@ import torch
 from peftkit import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 
+def checkpointing(model) -> bool:
+    """transformers 5 names it activation checkpointing; transformers 4 gradient checkpointing."""
+    if hasattr(model, "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
 def test_freezes_upcasts_small_parameters_and_enables_checkpointing(load_quantized):
     model = load_quantized("nf4", compute_dtype=torch.bfloat16)
     codes = {id(m.weight): m.weight.dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
@@ -20,7 +27,7 @@ def test_freezes_upcasts_small_parameters_and_enables_checkpointing(load_quantiz
             assert param.dtype == codes[id(param)]  # the packed 4-bit weights stay as they are
         else:
             assert param.dtype == torch.float32, param.shape
-    assert model.is_activation_checkpointing
+    assert checkpointing(model)
     embedded = model.get_input_embeddings()(torch.tensor([[1, 2]]))
     assert embedded.requires_grad  # so checkpointed blocks pass gradients back to adapters
 
@@ -35,17 +42,17 @@ def test_matches_peft_on_the_same_model(load_quantized):
             their_params[name].dtype,
             their_params[name].requires_grad,
         )
-    assert ours.is_activation_checkpointing == theirs.is_activation_checkpointing
+    assert checkpointing(ours) == checkpointing(theirs)
 
 
 def test_checkpointing_can_be_off_or_non_reentrant(load_quantized):
     model = prepare_model_for_kbit_training(load_quantized("nf4"), use_gradient_checkpointing=False)
-    assert not model.is_activation_checkpointing
+    assert not checkpointing(model)
     assert not model.get_input_embeddings()(torch.tensor([[1]])).requires_grad
     model = prepare_model_for_kbit_training(
         load_quantized("nf4"), gradient_checkpointing_kwargs={"use_reentrant": False}
     )
-    assert model.is_activation_checkpointing
+    assert checkpointing(model)
 
 
 def test_a_plain_model_is_frozen_but_not_checkpointed():
@@ -54,7 +61,7 @@ def test_a_plain_model_is_frozen_but_not_checkpointed():
     model = prepare_model_for_kbit_training(tiny_llama().to(torch.float16))
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert not model.is_activation_checkpointing
+    assert not checkpointing(model)
 
 
 def test_reentrant_checkpointing_passes_gradients_to_the_adapter(load_quantized, tokens):

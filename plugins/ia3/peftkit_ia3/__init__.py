@@ -10,7 +10,7 @@ from peftkit_ia3.config import IA3Config
 if TYPE_CHECKING:
     from peftkit_ia3.layer import IA3Layer
 
-__version__ = "0.2.1"
+__version__ = "0.2.2"
 __all__ = ["IA3Config", "IA3Layer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

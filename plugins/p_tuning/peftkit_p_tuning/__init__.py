@@ -10,7 +10,7 @@ from peftkit_p_tuning.config import PromptEncoderConfig
 if TYPE_CHECKING:
     from peftkit_p_tuning.encoder import PromptEncoder
 
-__version__ = "0.1.2"
+__version__ = "0.1.3"
 __all__ = ["PromptEncoder", "PromptEncoderConfig", "__version__"]
 
 # Imported on first use: the encoder imports torch, and loading the plugin (peftkit methods) does not.

@@ -10,7 +10,7 @@ from peftkit_prompt_tuning.config import PromptTuningConfig
 if TYPE_CHECKING:
     from peftkit_prompt_tuning.embedding import PromptEmbedding
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 __all__ = ["PromptEmbedding", "PromptTuningConfig", "__version__"]
 
 # Imported on first use: the embedding imports torch, and loading the plugin (peftkit methods) does not.
