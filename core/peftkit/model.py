@@ -612,7 +612,11 @@ class PeftModel(nn.Module):
             return
         config = load_config(folder)
         config.inference_mode = not is_trainable
-        tensors = serialization.read_tensors(folder)
+        self.add_adapter_from_tensors(adapter_name, config, serialization.read_tensors(folder))
+
+    def add_adapter_from_tensors(self, adapter_name: str, config: PeftConfig, tensors: dict[str, Any]) -> None:
+        """Add an adapter from its config and its saved tensors (keyed as in ``adapter_model.safetensors``);
+        like :meth:`load_adapter`, it is not activated. Tensors that do not fit leave no adapter behind."""
         self.add_adapter(adapter_name, config)
         try:
             serialization.load_adapter_state_dict(self, adapter_name, tensors)

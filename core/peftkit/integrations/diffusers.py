@@ -211,13 +211,7 @@ def load_lora_weights(
     spec = plugins.method_for_config(config)
     ready = {f"{spec.key_root}{key}": tensor for key, tensor in state.items()}
     if isinstance(model, PeftModel):
-        model.add_adapter(adapter_name, config)
-        try:
-            serialization.load_adapter_state_dict(model, adapter_name, ready)
-        except BaseException:
-            model._remove(adapter_name)
-            raise
-        model._update_trainable()
+        model.add_adapter_from_tensors(adapter_name, config, ready)
         return model
     peft_model = get_peft_model(model, config, adapter_name)
     serialization.load_adapter_state_dict(peft_model, adapter_name, ready)
