@@ -15,6 +15,7 @@ import gc
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 trl = pytest.importorskip("trl", reason="these tests need TRL")
 from datasets import Dataset  # noqa: E402
@@ -56,13 +57,26 @@ def lora_config():
 
 
 def parameter_storages() -> dict[int, int]:
-    """Every nn.Parameter alive in the process: its storage's address and size in bytes."""
+    """Every nn.Parameter with real memory alive in the process: its storage's address and size in bytes.
+
+    Tensors without memory are left out: meta tensors, and the fake tensors that torch.compile's tracing
+    leaves behind in a process that ran compile tests before (their storage has no address)."""
     gc.collect()
     return {
         obj.untyped_storage().data_ptr(): obj.untyped_storage().nbytes()
         for obj in gc.get_objects()
-        if isinstance(obj, torch.nn.Parameter)
+        if isinstance(obj, torch.nn.Parameter) and _has_memory(obj)
     }
+
+
+def _has_memory(tensor: torch.Tensor) -> bool:
+    if tensor.is_meta or is_fake(tensor):
+        return False
+    try:
+        tensor.untyped_storage().data_ptr()
+    except RuntimeError:  # a tensor subclass without storage (FunctionalTensor...)
+        return False
+    return True
 
 
 def adapter_storages(model, adapter_name: str) -> set[int]:
