@@ -15,19 +15,16 @@ import gc
 
 import pytest
 import torch
+import trl
+from datasets import Dataset
+from peftkit import LoraConfig, get_peft_model
+from peftkit.integrations.trl import DPOTrainer, GRPOTrainer
+from peftkit.serialization import adapter_state_dict
+from peftkit.testing.models import randomize_trainable, tiny_llama
+from peftkit.testing.tokenizers import word_level_tokenizer
 from torch._subclasses.fake_tensor import is_fake
 
-trl = pytest.importorskip("trl", reason="these tests need TRL")
-from datasets import Dataset  # noqa: E402
-from peftkit import LoraConfig, get_peft_model  # noqa: E402
-from peftkit.integrations.trl import DPOTrainer, GRPOTrainer  # noqa: E402
-from peftkit.serialization import adapter_state_dict  # noqa: E402
-from peftkit.testing.models import randomize_trainable, tiny_llama  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
 WORDS = "the sky sea grass sun ice fire is are blue green yellow red cold hot wet dry and".split()
-VOCAB = {word: index for index, word in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
 COLOURS = {"blue", "green", "yellow", "red"}
 
 PREFERENCES = {
@@ -40,16 +37,12 @@ PREFERENCES = {
 @pytest.fixture(scope="module")
 def tokenizer():
     """A word-level tokenizer over WORDS, built here (no download); pad is id 0 as in tiny_llama."""
-    word_level = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=word_level, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return word_level_tokenizer(WORDS, eos="<eos>")
 
 
 def base_model():
     """The same tiny Llama on every call (seeded), so a second call is an independent base to compare with."""
-    return tiny_llama(seed=0, vocab_size=len(VOCAB))
+    return tiny_llama(seed=0, vocab_size=len(WORDS) + 3)
 
 
 def lora_config():

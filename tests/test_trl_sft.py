@@ -11,18 +11,17 @@ from __future__ import annotations
 import itertools
 import json
 
+import datasets
+import peft
 import pytest
 import torch
+import trl
 from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.integrations.trl import SFTTrainer
 from peftkit.serialization import adapter_state_dict
 from peftkit.testing.models import tiny_llama
+from peftkit.testing.tokenizers import word_level_tokenizer
 from safetensors.torch import load_file
-
-trl = pytest.importorskip("trl", reason="the TRL integration needs the trl package")
-datasets = pytest.importorskip("datasets")
-from peftkit.integrations.trl import SFTTrainer  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 WHOLE_MODEL_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
@@ -30,17 +29,10 @@ SUBJECTS = ["the cat", "a dog", "my bird", "the fox"]
 VERBS = ["sees", "likes", "chases", "finds"]
 OBJECTS = ["the ball", "a tree"]
 TEXTS = [f"{s} {v} {o} ." for s, v, o in itertools.product(SUBJECTS, VERBS, OBJECTS)]  # 32 texts
-SPECIALS = ["<pad>", "<unk>", "</s>"]
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    words = sorted({word for text in TEXTS for word in text.split()})
-    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
-    )
+def word_tokenizer():
+    return word_level_tokenizer(TEXTS)
 
 
 def text_dataset():
@@ -221,7 +213,6 @@ def test_peft_config_applies_a_peftkit_adapter_seeded_like_the_run(tmp_path):
 
 
 def test_a_peft_library_config_names_peftkits_config(tmp_path):
-    peft = pytest.importorskip("peft")
     with pytest.raises(
         TypeError, match=r"got LoraConfig from the peft library.*from peftkit import LoraConfig"
     ):
@@ -235,7 +226,6 @@ def test_a_peft_library_config_names_peftkits_config(tmp_path):
 
 
 def test_trls_own_trainer_refuses_a_peftkit_config(tmp_path):
-    pytest.importorskip("peft")
     with pytest.raises(TypeError, match=r"must be a `peft.PeftConfig` instance"):
         trl.SFTTrainer(
             model=tiny_llama(),
@@ -278,7 +268,6 @@ def test_the_model_card_names_peftkit_the_method_and_the_base_model(tmp_path):
 
 
 def test_qlora_trains_on_a_4bit_base_loaded_by_the_trainer(tmp_path):
-    pytest.importorskip("peftkit_bnb", reason="QLoRA needs the peftkit-bnb plugin")
     from transformers import BitsAndBytesConfig
 
     folder = tmp_path / "tiny-llama"
