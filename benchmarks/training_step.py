@@ -51,11 +51,11 @@ def with_sibling_groups(forward: Callable[[], torch.Tensor]) -> Callable[[], tor
     from peftkit_lora.layer import LoraLayer
 
     def grouped() -> torch.Tensor:
-        LoraLayer.group_siblings = True
+        before, LoraLayer.group_siblings = LoraLayer.group_siblings, True
         try:
             return forward()
         finally:
-            LoraLayer.group_siblings = False
+            LoraLayer.group_siblings = before
 
     return grouped
 
