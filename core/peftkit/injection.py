@@ -52,8 +52,9 @@ def _innermost(module: nn.Module) -> nn.Module:
 
 def _all_linear_names(model: nn.Module, config: Any) -> set[str]:
     """PEFT's "all-linear": every linear layer but the output head (and a classifier head for SEQ_CLS)."""
-    names = set()
+    names, paths = set(), []
     for path, module in candidate_modules(model):
+        paths.append(path)
         features = plugins.layer_features(_innermost(module))
         if features is not None and features.kind == LINEAR:
             names.add(path)
@@ -68,8 +69,7 @@ def _all_linear_names(model: nn.Module, config: Any) -> set[str]:
     short = {path.split(".")[-1] for path in chosen}
     # a last name that also ends the path of a module left out would select it too (diffusers' "to_out.0"
     # beside the block "down_blocks.0"): the layers of such a name are named by their whole paths
-    others = [path for path, _ in candidate_modules(model) if path not in chosen]
-    ambiguous = {name for name in short if any(path == name or path.endswith("." + name) for path in others)}
+    ambiguous = short & {path.split(".")[-1] for path in paths if path not in chosen}
     return (short - ambiguous) | {path for path in chosen if path.split(".")[-1] in ambiguous}
 
 
