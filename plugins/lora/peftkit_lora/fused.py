@@ -8,18 +8,20 @@ The plain path (``b(a(dropout(x))) * s`` then ``y + …``) builds four autograd 
 elementwise step a pass over memory, and with dropout keeps both the mask and the dropped copy of
 ``x`` for backward. This node adds the update with one ``addmm`` (the scale folded in) and keeps only
 ``x``, the ``(N, r)`` down-projection and the dropout seed: the mask is drawn again from its seed in
-backward. The gradients, with ``g`` the gradient of y' and ``u = s · g B``:
+backward (:func:`dropout_keep`). The gradients, with ``g`` the gradient of y' and ``u = s · g B``:
 
     ∂y = g,    ∂B = s · gᵀ (drop(x) Aᵀ),    ∂A = uᵀ drop(x),    ∂x = drop'(u A)
 
-where ``drop'`` applies the same mask and ``1/(1-p)`` scale as ``drop``.
+where ``drop'`` applies the same mask and ``1/(1-p)`` scale as ``drop``. The mask is kept as 0/1 and the
+``1/(1-p)`` goes on the ``(N, r)`` products, so ``x ⊙ keep`` is exact in any dtype and no full-size
+pass scales it.
 
 Under ``torch.autocast`` the node follows autocast's rule for ``addmm``: its floating inputs are cast to
 the autocast dtype first (grads flow back through the casts to the float32 adapter) and the node runs,
 forward and backward, with autocast off. Where the base output ``y`` has another dtype than the update
 (a quantized base that returns float32), the update is cast to ``y``'s dtype and added, as the plain
-path's ``y + lora.to(y.dtype)`` does. The dropout mask is drawn in the dtype the input had before the
-cast, so a run under autocast drops the same elements as the float32 run with the same seed.
+path's ``y + lora.to(y.dtype)`` does. The dropout mask does not depend on the dtype, so a run under
+autocast drops the same elements as the float32 run with the same seed.
 
 The scale ``s`` is a Python float, or a 0-dim tensor once ``prepare_model_for_compiled_hotswap`` made it
 one (so that a compiled graph reads it as an input and a new alpha changes no guard). ``addmm`` takes
@@ -39,16 +41,19 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def dropout_mask(
-    like: torch.Tensor, p: float, seed: int, draw_dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """The kept-and-scaled mask of inverted dropout: 0 or 1/(1-p), the same for the same seed.
+def dropout_keep(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Which elements inverted dropout keeps: a bool tensor shaped like ``like``, the same for the same seed.
 
-    Drawn in ``draw_dtype`` (default: ``like``'s), then given ``like``'s dtype."""
+    An element is kept where a uniform 16-bit random integer falls below ``round((1 - p) · 2¹⁶)``, so the
+    keep rate is within 2⁻¹⁷ of ``1 - p``; four elements share one 64-bit draw. On the CPU this is about
+    five times faster than ``bernoulli_``, which draws a double per element: drawing the mask again in
+    backward then costs less than keeping it would (see docs/benchmarks.md)."""
     generator = torch.Generator(device=like.device).manual_seed(seed)
-    keep = torch.empty(like.shape, dtype=draw_dtype or like.dtype, device=like.device)
-    keep.bernoulli_(1 - p, generator=generator).div_(1 - p)
-    return keep.to(like.dtype)
+    count = like.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=like.device)
+    words.random_(-(2**63), None, generator=generator)
+    threshold = round((1 - p) * 2**16) - 2**15
+    return (words.view(torch.int16)[:count] < threshold).view(like.shape)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -74,9 +79,9 @@ def compute_dtype(
 
 
 def _autocast_off(device_type: str):
-    if torch.amp.is_autocast_available(device_type):
+    if autocast_dtype(device_type) is not None:
         return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+    return contextlib.nullcontext()  # cheaper than a disabled autocast, entered on every call
 
 
 def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -90,13 +95,12 @@ def _rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1])
 
 
-def _down(
-    x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int, draw_dtype: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _down(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` as rows, and ``drop(x) Aᵀ``."""
     rows = _rows(x)
-    dropped = rows * dropout_mask(rows, p, seed, draw_dtype) if p > 0 else rows
-    return rows, dropped @ lora_a.t()
+    if p == 0:
+        return rows, rows @ lora_a.t()
+    return rows, ((rows * dropout_keep(rows, p, seed)) @ lora_a.t()).mul_(1 / (1 - p))
 
 
 Scale = float | torch.Tensor
@@ -138,14 +142,17 @@ def _lora_backward(
     g = _rows(grad)
     g_adapter = g.to(down.dtype)
     up = (g_adapter @ lora_b).mul_(scaling)
-    mask = dropout_mask(_rows(x), ctx.p, ctx.seed, ctx.draw_dtype) if ctx.p > 0 else None
+    keep = None
+    if ctx.p > 0 and (needs_x or needs_a):
+        keep = dropout_keep(_rows(x), ctx.p, ctx.seed)
+        up.mul_(1 / (1 - ctx.p))  # drop's scale, on (N, r): both products that read u apply the 0/1 mask
     through = grad_a = grad_b = None
     if needs_x:
         through = up @ lora_a
-        if mask is not None:
-            through.mul_(mask)
+        if keep is not None:
+            through.mul_(keep)
     if needs_a:
-        grad_a = up.t() @ (_rows(x) * mask if mask is not None else _rows(x))
+        grad_a = up.t() @ (_rows(x) * keep if keep is not None else _rows(x))
     if needs_b:
         grad_b = (g_adapter.t() @ down).mul_(scaling)
     return g, through, grad_a, grad_b
@@ -153,11 +160,11 @@ def _lora_backward(
 
 class LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, result, x, lora_a, lora_b, scaling: Scale, p: float, seed: int, draw_dtype=None):
-        _, down = _down(x, lora_a, p, seed, draw_dtype)
+    def forward(ctx, result, x, lora_a, lora_b, scaling: Scale, p: float, seed: int):
+        _, down = _down(x, lora_a, p, seed)
         out = _add_update(result, down, lora_b, scaling)
         ctx.save_for_backward(x, down, lora_a, lora_b, *_save_scaling(ctx, scaling))
-        ctx.p, ctx.seed, ctx.draw_dtype = p, seed, draw_dtype
+        ctx.p, ctx.seed = p, seed
         return out.view(result.shape)
 
     @staticmethod
@@ -171,19 +178,19 @@ class LoraLinear(torch.autograd.Function):
         grad_x = through.view(x.shape) if through is not None else None
         # the base layer's backward reads the same gradient as 2-D rows: hand it the rows made here (a
         # copy when the gradient came through a transposed view, as q, k and v's do) so it needs none
-        return g.view(grad.shape), grad_x, grad_a, grad_b, None, None, None, None
+        return g.view(grad.shape), grad_x, grad_a, grad_b, None, None, None
 
 
 class LinearWithLora(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: Scale, p: float, seed: int, draw_dtype=None):
-        rows, down = _down(x, lora_a, p, seed, draw_dtype)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: Scale, p: float, seed: int):
+        rows, down = _down(x, lora_a, p, seed)
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         _add_update_into(out, down, lora_b, scaling)
         # the base weight is needed only to pass the gradient on to x (the first layer's x needs none)
         kept_weight = weight if ctx.needs_input_grad[0] else None
         ctx.save_for_backward(x, down, kept_weight, lora_a, lora_b, *_save_scaling(ctx, scaling))
-        ctx.p, ctx.seed, ctx.draw_dtype = p, seed, draw_dtype
+        ctx.p, ctx.seed = p, seed
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -197,7 +204,7 @@ class LinearWithLora(torch.autograd.Function):
             )
             grad_x = torch.addmm(through, g, weight).view(x.shape) if through is not None else None
             grad_bias = g.sum(0) if needs[2] else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
 def linear_with_lora(
@@ -217,11 +224,10 @@ def linear_with_lora(
     seed = new_seed() if p > 0 else 0
     cast = autocast_dtype(x.device.type)
     if cast is None:
-        return LinearWithLora.apply(x, weight, bias, lora_a, lora_b, scaling, p, seed, None)
-    draw_dtype = x.dtype
+        return LinearWithLora.apply(x, weight, bias, lora_a, lora_b, scaling, p, seed)
     inputs = [_cast(t, cast) for t in (x, weight, bias, lora_a, lora_b)]
     with _autocast_off(x.device.type):
-        return LinearWithLora.apply(*inputs, scaling, p, seed, draw_dtype)
+        return LinearWithLora.apply(*inputs, scaling, p, seed)
 
 
 def lora_linear(
@@ -236,14 +242,13 @@ def lora_linear(
 
     Callers check :func:`compute_dtype` first: it must not be None. ``result`` may have another dtype."""
     cast = autocast_dtype(x.device.type)
-    draw_dtype = None
     if cast is not None:
-        draw_dtype, (x, lora_a, lora_b) = x.dtype, [_cast(t, cast) for t in (x, lora_a, lora_b)]
-    with _autocast_off(x.device.type) if cast is not None else contextlib.nullcontext():
+        x, lora_a, lora_b = [_cast(t, cast) for t in (x, lora_a, lora_b)]
+    with _autocast_off(x.device.type):
         if not torch.is_grad_enabled() and p == 0:
             return _add_update(result, _rows(x) @ lora_a.t(), lora_b, scaling).view(result.shape)
         seed = new_seed() if p > 0 else 0
-        return LoraLinear.apply(result, x, lora_a, lora_b, scaling, p, seed, draw_dtype)
+        return LoraLinear.apply(result, x, lora_a, lora_b, scaling, p, seed)
 
 
 # --- sibling layers that read one input (peftkit_lora.siblings) ------------------------------------------
@@ -382,7 +387,7 @@ def lora_up(result: torch.Tensor, down: torch.Tensor, lora_b: torch.Tensor, scal
     cast = autocast_dtype(down.device.type)
     if cast is not None:
         lora_b = _cast(lora_b, cast)
-    with _autocast_off(down.device.type) if cast is not None else contextlib.nullcontext():
+    with _autocast_off(down.device.type):
         if not torch.is_grad_enabled():
             return _add_update(result, down, lora_b, scaling).view(result.shape)
         return LoraUp.apply(result, down, lora_b, scaling)

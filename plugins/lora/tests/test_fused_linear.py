@@ -18,7 +18,7 @@ pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels 
 
 def plain(result, x, a, b, scaling, p, seed):
     """The plain path's math, with the fused node's mask for the same seed."""
-    h = x * fused.dropout_mask(x, p, seed) if p > 0 else x
+    h = x * fused.dropout_keep(x, p, seed) / (1 - p) if p > 0 else x
     return result + (h @ a.T @ b.T) * scaling
 
 
@@ -201,6 +201,32 @@ def test_fused_dropout_repeats_under_the_same_seed_and_differs_from_no_dropout()
     assert not torch.allclose(model(input_ids=ids).logits, first)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    p=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**62),
+)
+def test_dropout_keep_gives_one_repeatable_mask_of_the_input_shape(shape, p, seed):
+    like = torch.empty(shape)
+    keep = fused.dropout_keep(like, p, seed)
+    assert keep.shape == like.shape and keep.dtype == torch.bool
+    assert torch.equal(keep, fused.dropout_keep(like.double(), p, seed)), "the dtype changes no element"
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_dropout_keep_keeps_each_element_with_probability_one_minus_p(p):
+    count = 2**20
+    rates = [fused.dropout_keep(torch.empty(count), p, seed).double().mean().item() for seed in range(4)]
+    spread = (p * (1 - p) / count) ** 0.5  # one standard deviation of the rate
+    assert all(abs(rate - (1 - p)) < 5 * spread for rate in rates), rates
+    assert len(set(rates)) == len(rates), "other seeds, other masks"
+    # neighbouring elements are independent (four of them share one 64-bit draw)
+    keep = fused.dropout_keep(torch.empty(count), p, 0).view(-1, 4).double()
+    pairs = (keep[:, 0] * keep[:, 1]).mean().item()
+    assert abs(pairs - (1 - p) ** 2) < 5 * spread
+
+
 def saved_bytes(model, ids) -> int:
     """Bytes of the distinct storages autograd keeps while the model's loss is built."""
     storages = {}
@@ -285,7 +311,7 @@ def test_under_autocast_the_fused_node_trains_as_the_plain_modules(monkeypatch, 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_under_autocast_dropout_drops_what_the_float32_run_drops(dtype):
-    """The mask is drawn in the input's dtype before autocast's cast: the same seed, the same elements."""
+    """The mask does not depend on the dtype autocast casts the input to: the same seed, the same elements."""
     model = lora_llama(dropout=0.5)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
     torch.manual_seed(11)
