@@ -29,6 +29,7 @@ from benchmarks import (
     loading,
     merging,
     mixed_batch,
+    quantized,
     report,
     training_step,
 )
@@ -69,6 +70,7 @@ def main() -> None:
         "merged-inference": ("merged inference", lambda: merging.merged_speed(args.device, args.rounds)),
         "loading": ("loading and hot-swap", lambda: loading.run(args.device, args.rounds)),
         "compiled-hotswap": ("compiled hot-swap", lambda: compiled_hotswap.run(args.device)),
+        "quantized": ("QLoRA on 4-bit and 8-bit bases", lambda: quantized.run(args.device, args.rounds)),
     }
     unknown = sorted(set(args.skip) - set(sections))
     if unknown:
