@@ -45,7 +45,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
-@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "autocast_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 def test_the_quantized_fast_path_trains_as_the_plain_modules(
     load_quantized, tokens, kind, dropout, autocast_dtype, monkeypatch
 ):
