@@ -81,6 +81,41 @@ def test_calls_go_through_unchanged_positional_or_keyword():
     torch.testing.assert_close(by_keyword, base_path, rtol=0, atol=0)
 
 
+def test_positional_arguments_bind_by_the_base_forwards_names_read_once(monkeypatch):
+    import peftkit.model
+
+    model = wrapped("llama")
+    mask = torch.ones_like(IDS)
+    mask[0, :3] = 0  # a mask that changes the outputs, so binding it to another name would show
+    with torch.no_grad():
+        by_keyword = model(input_ids=IDS, attention_mask=mask).logits
+        model(IDS, mask)  # the names are looked up here, once for this forward function
+        reads = []
+        signature = inspect.signature
+        monkeypatch.setattr(peftkit.model.inspect, "signature", lambda f: reads.append(f) or signature(f))
+        by_position = model(IDS, mask).logits
+        unmasked = model(IDS).logits
+    torch.testing.assert_close(by_position, by_keyword, rtol=0, atol=0)
+    assert not torch.equal(unmasked, by_position)
+    assert reads == [], "a bound forward's positional names are not read again on every call"
+
+
+def test_a_forward_replaced_by_a_plain_function_binds_its_own_names():
+    model = wrapped("plain")
+    base = model.get_base_model()
+    calls = []
+    original = base.forward
+
+    def forward(ids, scale=1.0):  # an instance attribute, as a wrapping library sets one
+        calls.append(scale)
+        return original(ids) * scale
+
+    base.forward = forward
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS, 2.0), 2.0 * original(IDS), rtol=0, atol=0)
+    assert calls == [2.0]
+
+
 def test_forward_reads_as_a_bound_method():
     model = wrapped("llama")
     assert model.forward.__self__ is model

@@ -254,12 +254,7 @@ class PeftModel(nn.Module):
     def _named_inputs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         if not args:
             return dict(kwargs)
-        names = [
-            p.name
-            for p in inspect.signature(self.base_model.model.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        return {**dict(zip(names, args)), **kwargs}
+        return {**dict(zip(_positional_names(self.base_model.model.forward), args)), **kwargs}
 
     def _note_answering(self) -> None:
         """Note, per hook that rewrites a call, the active adapters whose method may answer it: only they are
@@ -634,3 +629,22 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap ``model`` with a new, trainable adapter of the config's method."""
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def _positional_names(forward: Any) -> tuple[str, ...]:
+    """The names a forward's positional arguments bind to. ``inspect.signature`` takes tens of microseconds,
+    so a bound method's are looked up once per function (its first parameter, ``self``, left out)."""
+    function = getattr(forward, "__func__", None)
+    if function is None:  # a plain function or a callable object (an accelerate hook's wrapper): not cached
+        return _positional_parameters(inspect.signature(forward))
+    return _function_positional_names(function)[1:]
+
+
+@functools.lru_cache(maxsize=64)
+def _function_positional_names(function: Any) -> tuple[str, ...]:
+    return _positional_parameters(inspect.signature(function))
+
+
+def _positional_parameters(signature: inspect.Signature) -> tuple[str, ...]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in signature.parameters.values() if p.kind in kinds)
