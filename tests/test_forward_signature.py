@@ -92,7 +92,16 @@ def test_positional_arguments_bind_by_the_base_forwards_names_read_once(monkeypa
         model(IDS, mask)  # the names are looked up here, once for this forward function
         reads = []
         signature = inspect.signature
-        monkeypatch.setattr(peftkit.model.inspect, "signature", lambda f: reads.append(f) or signature(f))
+        # inspect.signature is the module's, shared with torch and transformers (transformers 4's masks read
+        # signatures under vmap), so only reads of the base model's forward count
+        forward = model.get_base_model().forward.__func__
+
+        def recording_signature(function, **options):
+            if getattr(function, "__func__", function) is forward:
+                reads.append(function)
+            return signature(function, **options)
+
+        monkeypatch.setattr(peftkit.model.inspect, "signature", recording_signature)
         by_position = model(IDS, mask).logits
         unmasked = model(IDS).logits
     torch.testing.assert_close(by_position, by_keyword, rtol=0, atol=0)
