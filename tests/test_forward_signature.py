@@ -212,3 +212,14 @@ def test_torch_compile_traces_forward_whole_and_once():
         loss.backward()
         torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss)
     assert counter.frame_count == 1
+
+
+def test_a_bound_forward_hashes_before_its_slots_are_set():
+    from peftkit.forward_signature import BoundForward
+
+    # torch 2.11's dynamo builds the object while tracing and hashes it before it sets the slots
+    unset = BoundForward.__new__(BoundForward)
+    assert hash(unset) == hash(BoundForward.__new__(BoundForward))
+    assert unset != wrapped("plain").forward
+    model = wrapped("plain")
+    assert hash(model.forward) == hash(model.forward)

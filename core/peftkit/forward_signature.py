@@ -91,15 +91,17 @@ class BoundForward:
         copy.__wrapped__ = UnboundForward(original, self.__self__)
         return copy
 
+    # Both read the slots with defaults: torch.compile (torch 2.11) hashes the object it builds while
+    # tracing before the slots are set, as its attributes live in dynamo's side effects until then.
     def __eq__(self, other: object) -> bool:
         return (
             isinstance(other, BoundForward)
-            and other.function is self.function
-            and other.__self__ is self.__self__
+            and getattr(other, "function", None) is getattr(self, "function", None)
+            and getattr(other, "__self__", None) is getattr(self, "__self__", None)
         )
 
     def __hash__(self) -> int:
-        return hash((self.function, id(self.__self__)))
+        return hash((getattr(self, "function", None), id(getattr(self, "__self__", None))))
 
     def __repr__(self) -> str:
         return f"<bound method {self.function.__qualname__} of {type(self.__self__).__name__}>"

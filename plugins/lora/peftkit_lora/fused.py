@@ -58,7 +58,10 @@ def dropout_keep(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes matrix products in on this device type, or None where it is off."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # torch 2.11's dynamo cannot trace is_autocast_available (torch 2.13's can); a compiled forward runs
+    # on a device that has autocast, so only the eager path asks
+    available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
+    if available and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

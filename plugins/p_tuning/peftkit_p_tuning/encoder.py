@@ -84,7 +84,8 @@ class PromptEncoder(nn.Module):
         device_type = self.embedding.weight.device.type
         with (
             torch.autocast(device_type, enabled=False)
-            if torch.amp.is_autocast_available(device_type)
+            # torch 2.11's dynamo cannot trace is_autocast_available; compiled code runs where autocast is
+            if torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)
             else nullcontext()
         ):
             sequence = self.embedding.weight.unsqueeze(0)  # the virtual tokens form one sequence

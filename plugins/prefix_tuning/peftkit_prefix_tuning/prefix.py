@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from peftkit.errors import ConfigError
 from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
 
 from peftkit_prefix_tuning.config import PrefixTuningConfig
 
@@ -129,9 +130,9 @@ def decoder_source_layers(num_layers: int) -> list[int]:
 
 def prefix_cache(module: PrefixEncoder, config: PrefixTuningConfig, batch_size: int, dtype: torch.dtype):
     """The prefix as the KV cache the model starts from: a DynamicCache, or for an encoder-decoder an
-    EncoderDecoderCache whose decoder self-attention holds the prefix and whose cross-attention is empty."""
-    from transformers import DynamicCache, EncoderDecoderCache
-
+    EncoderDecoderCache whose decoder self-attention holds the prefix and whose cross-attention is empty.
+    (The cache classes are imported with the module: torch 2.11's dynamo cannot trace an import of
+    transformers' lazy module inside a compiled forward.)"""
     pairs = layer_key_values(module().to(dtype), config, batch_size)
     if config.num_transformer_submodules == 1:
         return DynamicCache(pairs)
