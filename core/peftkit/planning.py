@@ -246,6 +246,69 @@ def targetable_groups(model: Any, matched: set[str] | None = None) -> list[dict[
     return rows
 
 
+def adapted_name(path: str, layer: Any) -> str:
+    """What an adapter layer adapts: its module's path, or ``<path>.<parameter>`` for a layer that adapts one
+    parameter of its module (it says which in ``parameter_name``, as LoRA's ``target_parameters`` layers do)."""
+    from peftkit.injection import logical_path
+
+    parameter = getattr(layer, "parameter_name", None)
+    return f"{logical_path(path)}.{parameter}" if parameter else logical_path(path)
+
+
+def parameter_groups(peft_model: Any, adapter_name: str = "default") -> list[dict[str, Any]]:
+    """The parameters adapted as parameters (not through their module), grouped by pattern: shape, count,
+    the base tensors' elements and the adapter's."""
+    from peftkit.adapter_layer import adapter_layers
+
+    groups: dict[str, dict[str, Any]] = {}
+    for path, layer in adapter_layers(peft_model.base_model.model):
+        parameter = getattr(layer, "parameter_name", None)
+        if not parameter or not layer.holds(adapter_name):
+            continue
+        owner = layer.get_base_layer()
+        tensor = getattr(owner, parameter)
+        name = adapted_name(path, layer)
+        group = groups.setdefault(
+            group_pattern(name),
+            {
+                "pattern": group_pattern(name),
+                "name": parameter,
+                "type": type(owner).__name__,
+                "shape": list(tensor.shape),
+                "count": 0,
+                "parameters": 0,
+                "adapter_parameters": 0,
+            },
+        )
+        group["count"] += 1
+        group["parameters"] += tensor.numel()
+        group["adapter_parameters"] += sum(p.numel() for _, p in layer.adapter_parameters(adapter_name))
+    return list(groups.values())
+
+
+def parameter_candidates(model: Any) -> list[dict[str, Any]]:
+    """2-D and 3-D parameters of modules the layer hooks do not know (a fused MoE expert stack, a router),
+    grouped by pattern: what ``target_parameters`` can adapt where ``target_modules`` cannot."""
+    from peftkit.injection import _innermost, candidate_modules, logical_path
+
+    groups: dict[str, dict[str, Any]] = {}
+    for path, module in candidate_modules(model):
+        owner = _innermost(module)
+        if plugins.layer_features(owner) is not None:
+            continue
+        for name, tensor in owner.named_parameters(recurse=False):
+            if tensor.dim() not in (2, 3):
+                continue
+            pattern = group_pattern(f"{logical_path(path)}.{name}")
+            group = groups.setdefault(
+                pattern,
+                {"pattern": pattern, "name": name, "type": type(owner).__name__, "shape": list(tensor.shape)},
+            )
+            group["count"] = group.get("count", 0) + 1
+            group["parameters"] = group.get("parameters", 0) + tensor.numel()
+    return list(groups.values())
+
+
 def _model_facts(model_arg: str | Path, config: Any, model: Any) -> dict[str, Any]:
     return {
         "model": str(model_arg),
@@ -273,19 +336,25 @@ def targets_report(model_arg: str | Path, method: str | None, options: dict[str,
     peft_config = method_config(method, options) if method else None
     model = meta_model(config, _task_type(options))
     report = _model_facts(model_arg, config, model)
+    report_parameters = parameter_candidates(model)
     if peft_config is None:
         report["groups"] = targetable_groups(model)
         report["targetable"] = sum(g["count"] for g in report["groups"])
+        report["parameters"] = report_parameters
         return report
-    searched = model
-    if peft_config.target_modules is None:
+    searched, injected = model, None
+    on_parameters = bool(getattr(peft_config, "target_parameters", None))
+    if peft_config.target_modules is None or on_parameters:
         # the method fills in its per-architecture default at injection: let it, on the meta model
         injected = inject_on_meta(model, dataclasses.replace(peft_config))
         peft_config.target_modules = injected.peft_config["default"].target_modules
         searched = injected.base_model.model
-    matched = [logical_path(p) for p in find_targets(searched, peft_config)]
+    # with target_parameters alone, no module is targeted
+    no_modules = on_parameters and not peft_config.target_modules
+    matched = [] if no_modules else [logical_path(p) for p in find_targets(searched, peft_config)]
     report["groups"] = targetable_groups(searched, set(matched))
     report["targetable"] = sum(g["count"] for g in report["groups"])
+    report["parameters"] = report_parameters
     resolved = resolved_targets(searched, peft_config)
     report["method"] = {
         "name": method,
@@ -295,6 +364,8 @@ def targets_report(model_arg: str | Path, method: str | None, options: dict[str,
         "matched": matched,
         "matched_count": len(matched),
     }
+    if on_parameters:
+        report["method"]["parameters"] = parameter_groups(injected)
     return report
 
 
@@ -436,7 +507,6 @@ def plan_report(
     """What ``peftkit plan --json`` prints: parameters, adapter file size and a training-memory estimate."""
     from peftkit import serialization
     from peftkit.adapter_layer import adapter_layers
-    from peftkit.injection import logical_path
 
     dtype = normalize_dtype(dtype)
     config = read_model_config(model_arg)
@@ -449,14 +519,21 @@ def plan_report(
     trainable_params = sum(p.numel() for p in trainable)
     total_params = sum(p.numel() for p in params)
     tensors = serialization.adapter_state_dict(peft_model, "default")
-    adapted = sorted({logical_path(path) for path, _ in adapter_layers(peft_model.base_model.model)})
+    layers = adapter_layers(peft_model.base_model.model)
+    adapted = sorted({adapted_name(path, layer) for path, layer in layers})
+    # the last name of each; a parameter keeps its module's name too (experts.down_proj)
+    short = {
+        ".".join(adapted_name(path, layer).split(".")[-2 if getattr(layer, "parameter_name", None) else -1 :])
+        for path, layer in layers
+    }
     return {
         **facts,
         "method": method,
         "config": peft_config.to_dict(),
         "summary": config_summary(peft_config),
         "adapted_modules": len(adapted),
-        "adapted_names": sorted({path.split(".")[-1] for path in adapted}),
+        "adapted_names": sorted(short),
+        "adapted_parameters": parameter_groups(peft_model),
         "trainable_params": trainable_params,
         "total_params": total_params,
         "trainable_percent": 100 * trainable_params / total_params if total_params else 0.0,

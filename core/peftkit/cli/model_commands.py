@@ -69,13 +69,49 @@ def format_targets(report: dict[str, Any]) -> str:
         rows.append(row + ([str(group["targeted"])] if method else []))
     lines += table(header, rows)
     lines += ["", f"{report['targetable']} modules in {len(report['groups'])} groups can be targeted."]
+    if report.get("parameters"):
+        lines += ["", "Parameters of other modules, which target_parameters can adapt:"]
+        lines += table(
+            ["PATTERN", "TYPE", "SHAPE", "COUNT", "PARAMS"],
+            [
+                [
+                    g["pattern"],
+                    g["type"],
+                    "x".join(map(str, g["shape"])),
+                    str(g["count"]),
+                    f"{g['parameters']:,}",
+                ]
+                for g in report["parameters"]
+            ],
+            indent="  ",
+        )
     if method:
         names = method["target_modules"]
-        resolved = names if isinstance(names, str) else ", ".join(names)
+        resolved = names if isinstance(names, str) else ", ".join(names) or "[]"
         lines.append(
             f"{method['summary']} matches {method['matched_count']} of them (target_modules: {resolved})."
         )
+        if method.get("parameters"):
+            lines += ["", "Parameters it adapts (target_parameters):"]
+            lines += parameter_table(method["parameters"])
     return "\n".join(lines)
+
+
+def parameter_table(groups: list[dict[str, Any]]) -> list[str]:
+    """Parameters adapted as parameters (LoRA's target_parameters): shape, count, base and adapter sizes."""
+    header = ["PATTERN", "TYPE", "SHAPE", "COUNT", "PARAMS", "ADAPTER_PARAMS"]
+    rows = [
+        [
+            group["pattern"],
+            group["type"],
+            "x".join(str(size) for size in group["shape"]),
+            str(group["count"]),
+            f"{group['parameters']:,}",
+            f"{group['adapter_parameters']:,}",
+        ]
+        for group in groups
+    ]
+    return table(header, rows, indent="  ")
 
 
 @click.command("targets", short_help="List the modules of a model a method can target.")
@@ -113,6 +149,9 @@ def format_plan(report: dict[str, Any]) -> str:
         ],
     ]
     lines = [f"{label + ':':<11}{value}" for label, value in facts]
+    if report.get("adapted_parameters"):
+        lines += ["", "Parameters adapted (target_parameters):"]
+        lines += parameter_table(report["adapted_parameters"])
     lines += [
         "",
         f"Training memory estimate ({memory['dtype']} base, batch size {memory['batch_size']}, "

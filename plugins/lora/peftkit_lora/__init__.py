@@ -10,7 +10,7 @@ from peftkit_lora.config import LoraConfig
 if TYPE_CHECKING:
     from peftkit_lora.layer import LoraLayer
 
-__version__ = "0.4.1"
+__version__ = "0.5.0"
 __all__ = ["LoraConfig", "LoraLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

@@ -43,7 +43,6 @@ class LoraConfig(PeftConfig):
         "monteclora_config": None,
         "megatron_config": None,
         "layer_replication": None,
-        "target_parameters": None,
         "use_bdlora": None,
         "arrow_config": None,
         "kasa_config": None,
@@ -70,6 +69,9 @@ class LoraConfig(PeftConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_dora: bool = False
     lora_bias: bool = False
+    # parameters (not modules) to adapt, by full name or name suffix: the fused 3-D expert tensors of
+    # mixture-of-experts models (peftkit_lora.parameter)
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +94,7 @@ class LoraConfig(PeftConfig):
         check_str_list(self, "exclude_modules", allow_str=True)
         check_layer_selection(self)
         self._check_patterns()
+        self._check_target_parameters()
 
     def _check_init(self) -> None:
         init = self.init_lora_weights
@@ -115,3 +118,28 @@ class LoraConfig(PeftConfig):
         for key, value in self.alpha_pattern.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise fail(self, "alpha_pattern", {key: value}, "a dict of module regex to positive alpha")
+
+    def _check_target_parameters(self) -> None:
+        """A list of parameter names; LoRA on a parameter never sees the layer's input, so what acts on the
+        input (dropout, DoRA's norm of the weight, fan_in_fan_out, lora_bias) is refused, as PEFT refuses it."""
+        value = self.target_parameters
+        if value is None:
+            return
+        if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+            raise fail(
+                self, "target_parameters", value, "a list of parameter names or None (no regex string)"
+            )
+        if not all(isinstance(name, str) and name for name in value):
+            raise fail(self, "target_parameters", value, "a list of parameter names (non-empty strings)")
+        self.target_parameters = sorted(value)  # as PEFT writes it
+        if not self.target_parameters:
+            return  # PEFT's "no parameters": nothing to refuse
+        refused = {"lora_dropout": 0.0, "use_dora": False, "fan_in_fan_out": False}
+        for name, allowed in refused.items():
+            if getattr(self, name) != allowed:
+                raise fail(
+                    self,
+                    name,
+                    getattr(self, name),
+                    f"{allowed} when target_parameters is set (LoRA on a parameter cannot apply it)",
+                )

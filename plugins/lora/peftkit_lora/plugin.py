@@ -46,7 +46,23 @@ def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) ->
 
     from peftkit_lora.layer import LoraLayer
 
+    if config.target_parameters and config.target_modules is None:
+        config.target_modules = []  # as PEFT records it: no default modules beside the parameters
     fill_default_targets(peft_model, config, DEFAULT_TARGETS)
+    if config.target_parameters:
+        from peftkit_lora.parameter import inject_into_parameters
+
+        if config.target_modules:
+            inject_into_targets(peft_model, config, adapter_name, LoraLayer)
+        if not inject_into_parameters(peft_model, config, adapter_name):
+            from peftkit.errors import TargetModulesError
+
+            raise TargetModulesError(
+                f"LoraConfig.target_parameters={config.target_parameters!r} matched no parameter of "
+                f"{type(peft_model.base_model.model).__name__}: name parameters by their full name or a "
+                "suffix of it, e.g. 'mlp.experts.gate_up_proj'"
+            )
+        return True
     inject_into_targets(peft_model, config, adapter_name, LoraLayer)
     return True
 

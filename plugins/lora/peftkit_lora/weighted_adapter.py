@@ -107,6 +107,11 @@ def _check(peft_model, adapters, weights, adapter_name, combination_type, densit
                 f"adapter {name!r} uses DoRA, whose magnitude vector does not combine linearly; "
                 "add_weighted_adapter combines plain LoRA adapters"
             )
+        if config.target_parameters:
+            raise ConfigError(
+                f"adapter {name!r} has target_parameters={config.target_parameters!r}; add_weighted_adapter "
+                "does not combine adapters on parameters (nor does PEFT)"
+            )
         configs.append(config)
     return configs
 
