@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from peftkit_lora.config import LoraConfig
+from peftkit_lora.config import LoftQConfig, LoraConfig
 
 if TYPE_CHECKING:
     from peftkit_lora.layer import LoraLayer
 
 __version__ = "0.5.0"
-__all__ = ["LoraConfig", "LoraLayer", "__version__"]
+__all__ = ["LoftQConfig", "LoraConfig", "LoraLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.
 _LAZY = {"LoraLayer": "peftkit_lora.layer"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,9 +18,22 @@ from peftkit.config import (
     fail,
 )
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_<N>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA by a fast SVD of N subspace iterations
 BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ's settings (``init_lora_weights="loftq"``): quantize to ``loftq_bits`` (4: NF4, 8: int8) and
+    alternate quantizing and fitting the rank-r adapter to the residual ``loftq_iter`` times."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice(self, "loftq_bits", (4, 8))
+        check_positive_int(self, "loftq_iter")
 
 
 @dataclass
@@ -34,7 +49,6 @@ class LoraConfig(PeftConfig):
     peft_only_fields: ClassVar[dict[str, Any]] = {
         "use_qalora": False,
         "trainable_token_indices": None,
-        "loftq_config": {},
         "eva_config": None,
         "corda_config": None,
         "lora_ga_config": None,
@@ -72,6 +86,8 @@ class LoraConfig(PeftConfig):
     # parameters (not modules) to adapt, by full name or name suffix: the fused 3-D expert tensors of
     # mixture-of-experts models (peftkit_lora.parameter)
     target_parameters: list[str] | None = None
+    # LoftQ's settings as a dict, as PEFT stores them ({} unless init_lora_weights="loftq")
+    loftq_config: LoftQConfig | dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +111,7 @@ class LoraConfig(PeftConfig):
         check_layer_selection(self)
         self._check_patterns()
         self._check_target_parameters()
+        self._check_loftq()
 
     def _check_init(self) -> None:
         init = self.init_lora_weights
@@ -106,7 +123,7 @@ class LoraConfig(PeftConfig):
                 self,
                 "init_lora_weights",
                 init,
-                "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations) or 'olora'",
+                "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations), 'olora' or 'loftq'",
             )
 
     def _check_patterns(self) -> None:
@@ -143,3 +160,41 @@ class LoraConfig(PeftConfig):
                     getattr(self, name),
                     f"{allowed} when target_parameters is set (LoRA on a parameter cannot apply it)",
                 )
+
+    def save_pretrained(self, directory) -> None:
+        """A LoftQ adapter is saved as PEFT's LoftQ recipe saves it, with ``init_lora_weights=True``: its A
+        and B are fitted to the Q that the saved base holds, and loading them onto that base (quantized,
+        as it is meant to be) must not fit them again."""
+        if self.init_lora_weights == "loftq":
+            self.replace(init_lora_weights=True, loftq_config={}).save_pretrained(directory)
+        else:
+            super().save_pretrained(directory)
+
+    def _check_loftq(self) -> None:
+        """PEFT's rule: "loftq" needs a loftq_config, kept as a plain dict; a loftq_config without it is ignored."""
+        value = self.loftq_config
+        if isinstance(value, LoftQConfig):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, dict) and value:
+            unknown = sorted(set(value) - {"loftq_bits", "loftq_iter"})
+            if unknown:
+                raise fail(
+                    self, "loftq_config", value, "a LoftQConfig or a dict of loftq_bits and loftq_iter"
+                )
+            value = dataclasses.asdict(LoftQConfig(**value))
+        elif not isinstance(value, dict):
+            raise fail(self, "loftq_config", value, "a LoftQConfig, a dict of its fields, or {}")
+        self.loftq_config = value
+        if self.init_lora_weights == "loftq" and not value:
+            raise fail(
+                self,
+                "loftq_config",
+                value,
+                "a LoftQConfig (e.g. LoftQConfig(loftq_bits=4)) with init_lora_weights='loftq'",
+            )
+        if value and self.init_lora_weights != "loftq":
+            warnings.warn(
+                "LoraConfig.loftq_config is ignored unless init_lora_weights='loftq'",
+                UserWarning,
+                stacklevel=3,
+            )

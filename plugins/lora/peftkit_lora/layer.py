@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit_lora import dora, fused, siblings
 from peftkit_lora.config import LoraConfig
-from peftkit_lora.init import olora_factors, pissa_factors, uses_base_weight
+from peftkit_lora.init import loftq_factors, olora_factors, pissa_factors, uses_base_weight
 
 _CONV = {CONV1D: (nn.Conv1d, F.conv1d), CONV2D: (nn.Conv2d, F.conv2d), CONV3D: (nn.Conv3d, F.conv3d)}
 
@@ -134,7 +134,7 @@ class LoraLayer(AdapterLayer):
         )
         self._move_to_base(*(p for _, p in self.adapter_parameters(adapter_name)), float_dtype=torch.float32)
         if uses_base_weight(config.init_lora_weights):
-            self._init_from_base_weight(adapter_name, config.init_lora_weights)
+            self._init_from_base_weight(adapter_name, config.init_lora_weights, config.loftq_config)
         else:
             self._init(adapter_name, config.init_lora_weights)
         if config.use_dora:
@@ -217,23 +217,34 @@ class LoraLayer(AdapterLayer):
         padding = [0, 0] * (saved.dim() - 1 - dim) + [0, held - rank]
         return F.pad(saved, padding)
 
-    def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
-        """PiSSA / OLoRA: the adapter takes the top of W, the base layer keeps the residual."""
+    def _init_from_base_weight(self, adapter_name: str, init: str, loftq: dict) -> None:
+        """PiSSA / OLoRA: the adapter takes the top of W, the base layer keeps the residual. LoftQ: the
+        base layer keeps W quantized, the adapter takes the top of what quantizing lost."""
         if self.features.kind != LINEAR:
             raise ValueError(
                 f"init_lora_weights={init!r} needs a linear layer, not a {self.features.kind} one"
             )
         base = self.get_base_layer()
+        if init == "loftq" and type(getattr(base, "weight", None)) is not nn.Parameter:
+            raise ValueError(
+                f"init_lora_weights='loftq' starts from the full-precision weight, but this layer's is "
+                f"{type(base.weight).__name__}: apply LoftQ to the model before quantizing it, save that "
+                "base model, and load the saved base in 4-bit or 8-bit"
+            )
         weight = plugins.read_weight(base).detach().float()
         r, scaling = self.r[adapter_name], self.scaling[adapter_name]
         if init == "olora":
             a, b = olora_factors(weight, r)
+        elif init == "loftq":
+            a, b, base_weight = loftq_factors(weight, r, scaling, loftq["loftq_bits"], loftq["loftq_iter"])
         else:
             a, b = pissa_factors(weight, r, scaling, init)
         with torch.no_grad():
             self.lora_A[adapter_name].weight.copy_(a)
             self.lora_B[adapter_name].weight.copy_(b)
-        plugins.write_weight(base, weight - scaling * (b @ a))
+        if init != "loftq":
+            base_weight = weight - scaling * (b @ a)
+        plugins.write_weight(base, base_weight)
 
     def _factor_parameters(self, adapter_name: str) -> tuple[nn.Parameter, nn.Parameter]:
         """A and B as the layer holds them (a convolution's with their kernel dimensions)."""

@@ -16,9 +16,9 @@ from peftkit_lora import LoraConfig
         (dict(lora_dropout=1.0), "LoraConfig.lora_dropout must be a number in [0, 1), got 1.0"),
         (dict(bias="some"), "LoraConfig.bias must be one of 'none', 'all', 'lora_only', got 'some'"),
         (
-            dict(init_lora_weights="loftq"),
+            dict(init_lora_weights="eva"),
             "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' "
-            "(N >= 1 iterations) or 'olora', got 'loftq'",
+            "(N >= 1 iterations), 'olora' or 'loftq', got 'eva'",
         ),
         (
             dict(target_modules=3),
@@ -84,7 +84,7 @@ def test_other_peft_features_fail_clearly_when_a_saved_config_uses_them():
 def test_peft_only_fields_at_their_defaults_load_silently(recwarn):
     data = LoraConfig(r=4).to_dict() | {
         "use_dora": False,
-        "loftq_config": {},
+        "eva_config": None,
         "megatron_core": "megatron.core",
     }
     assert LoraConfig.from_dict(data).r == 4
