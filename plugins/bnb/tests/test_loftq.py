@@ -108,8 +108,9 @@ def test_a_loftq_model_saved_and_loaded_quantized_holds_q_and_is_closer_to_the_f
     )
 
     def load(folder):
+        # float32, the dtype Q was saved in (transformers 4.57 would load the weights as float16 first)
         return AutoModelForCausalLM.from_pretrained(
-            folder, quantization_config=quantization, device_map="cpu"
+            folder, quantization_config=quantization, device_map="cpu", dtype=torch.float32
         )
 
     loaded = PeftModel.from_pretrained(load(tmp_path / "base-q"), tmp_path / "adapter")
