@@ -26,18 +26,7 @@ EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def needs_fused_experts() -> None:
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip(
-            "transformers 4 keeps a MoE model's experts as nn.Linear modules (target_modules reaches them); "
-            "the fused 3-D expert parameters that target_parameters adapts came with transformers 5"
-        )
-
-
 def tiny_mixtral(seed: int = 0):
-    needs_fused_experts()
     torch.manual_seed(seed)
     config = MixtralConfig(
         vocab_size=128,
@@ -53,7 +42,6 @@ def tiny_mixtral(seed: int = 0):
 
 
 def tiny_qwen3_moe(seed: int = 0):
-    needs_fused_experts()
     torch.manual_seed(seed)
     config = Qwen3MoeConfig(
         vocab_size=128,
