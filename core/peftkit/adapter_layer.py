@@ -182,18 +182,18 @@ class AdapterLayer(nn.Module):
         for name in names:
             if name in self.merged_adapters or not self.holds(name):
                 continue
-            weight = plugins.read_weight(base)
+            weight = self.read_merge_target()
             merged = self.merged_weight(name, weight)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"merging adapter {name!r} into {type(base).__name__} gives NaN or inf weights"
                 )
             new_bias = self._changed_bias(base, self.merged_bias, name)
-            if self._keeps_residual(base, weight):  # before the write: ``weight`` may share its storage
+            if self._keeps_residual(weight):  # before the write: ``weight`` may share its storage
                 unmerged = self.unmerged_weight(name, merged)
                 self.merge_residuals[name] = exact_unmerge.residual(weight, unmerged, version=0)
-            plugins.write_weight(base, merged)
-            self._note_own_write(base)
+            self.write_merge_target(merged)
+            self._note_own_write()
             if new_bias is not None:
                 self._write_bias(base, new_bias)
             self.merged_adapters.append(name)
@@ -205,29 +205,42 @@ class AdapterLayer(nn.Module):
             if adapter_names is not None and name not in adapter_names:
                 continue
             new_bias = self._changed_bias(base, self.unmerged_bias, name)
-            unmerged = self.unmerged_weight(name, plugins.read_weight(base))
+            unmerged = self.unmerged_weight(name, self.read_merge_target())
             kept = self.merge_residuals.pop(name, None)
-            if kept is not None and kept.version == base.weight._version:
+            if kept is not None and kept.version == self.stored_merge_target()._version:
                 unmerged = exact_unmerge.restore(unmerged, kept)
-            plugins.write_weight(base, unmerged)
-            self._note_own_write(base)
+            self.write_merge_target(unmerged)
+            self._note_own_write()
             if new_bias is not None:
                 self._write_bias(base, new_bias)
             self.merged_adapters.remove(name)
 
-    def _note_own_write(self, base: nn.Module) -> None:
+    # What merging writes into: the base layer's dense weight, as the layer hooks read and write it. A
+    # layer that adapts another tensor of its module (LoRA's target_parameters) overrides these three.
+    def read_merge_target(self) -> torch.Tensor:
+        return plugins.read_weight(self.get_base_layer())
+
+    def write_merge_target(self, value: torch.Tensor) -> None:
+        plugins.write_weight(self.get_base_layer(), value)
+
+    def stored_merge_target(self) -> torch.Tensor | None:
+        """The tensor as the module stores it (a quantized one for a 4-bit layer), whose version tells
+        whether anything else wrote to it while merged."""
+        stored = getattr(self.get_base_layer(), "weight", None)
+        return stored if isinstance(stored, torch.Tensor) else None
+
+    def _note_own_write(self) -> None:
         """Residuals stay valid through this layer's own writes; any other change to the weight (an
         optimizer step while merged) bumps its version and makes unmerging fall back to plain arithmetic."""
         for kept in self.merge_residuals.values():
-            kept.version = base.weight._version
+            kept.version = self.stored_merge_target()._version
 
-    @staticmethod
-    def _keeps_residual(base: nn.Module, weight: torch.Tensor) -> bool:
+    def _keeps_residual(self, weight: torch.Tensor) -> bool:
         """Whether unmerging can restore this weight bit for bit (see :mod:`peftkit.exact_unmerge`): a
         dense 16- or 32-bit float weight, stored as read (a quantized layer is requantized instead)."""
-        stored = getattr(base, "weight", None)
+        stored = self.stored_merge_target()
         return (
-            isinstance(stored, torch.Tensor)
+            stored is not None
             and exact_unmerge.supports(weight)
             and weight.dtype == stored.dtype
             and weight.numel() == stored.numel()

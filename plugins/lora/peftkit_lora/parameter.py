@@ -25,7 +25,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from peftkit import AdapterLayer, exact_unmerge
+from peftkit import AdapterLayer
 from torch import nn
 
 from peftkit_lora.config import LoraConfig
@@ -149,46 +149,16 @@ class ParameterLoraLayer(AdapterLayer):
             depth, layer = depth + 1, layer.base_layer
         return depth
 
-    # --- merging: into the parameter, exactly undone --------------------------------------------
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = adapter_names if adapter_names is not None else self.active_adapters
-        param = self.parameter()
-        for name in names:
-            if name in self.merged_adapters or not self.holds(name):
-                continue
-            weight = param.detach()
-            merged = weight + self.delta_weight(name).detach().to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging adapter {name!r} into {self.parameter_name!r} gives NaN or inf weights"
-                )
-            if exact_unmerge.supports(weight):
-                unmerged = merged - self.delta_weight(name).detach().to(weight.dtype)
-                self.merge_residuals[name] = exact_unmerge.residual(weight, unmerged, version=0)
-            with torch.no_grad():
-                param.copy_(merged)
-            self._note_write(param)
-            self.merged_adapters.append(name)
+    # --- merging: into the parameter, exactly undone (the core's merge, pointed at the parameter) --------
+    def read_merge_target(self) -> torch.Tensor:
+        return self.parameter().detach()
 
-    def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        param = self.parameter()
-        for name in reversed(list(self.merged_adapters)):
-            if adapter_names is not None and name not in adapter_names:
-                continue
-            unmerged = param.detach() - self.delta_weight(name).detach().to(param.dtype)
-            kept = self.merge_residuals.pop(name, None)
-            if kept is not None and kept.version == param._version:
-                unmerged = exact_unmerge.restore(unmerged, kept)
-            with torch.no_grad():
-                param.copy_(unmerged)
-            self._note_write(param)
-            self.merged_adapters.remove(name)
+    def write_merge_target(self, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.parameter().copy_(value)
 
-    def _note_write(self, param: torch.Tensor) -> None:
-        """Residuals stay valid through this layer's own writes; any other write (an optimizer step while
-        merged) changes the version, and unmerging falls back to plain arithmetic."""
-        for kept in self.merge_residuals.values():
-            kept.version = param._version
+    def stored_merge_target(self) -> torch.Tensor:
+        return self.parameter()
 
     # --- saving ---------------------------------------------------------------------------------
     def adapter_parameters(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
