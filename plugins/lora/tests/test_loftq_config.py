@@ -62,3 +62,16 @@ def test_peft_reads_the_same_fields():
     theirs = PeftLoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 3})
     assert theirs.loftq_config == ours["loftq_config"]
     assert theirs.init_lora_weights == ours["init_lora_weights"]
+
+
+def test_loftq_without_bitsandbytes_says_what_to_install(monkeypatch):
+    import sys
+
+    import torch
+    from peftkit_lora.init import loftq_factors
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(
+        ImportError, match=r"init_lora_weights='loftq' quantizes with bitsandbytes.*pip install"
+    ):
+        loftq_factors(torch.randn(8, 64), r=2, scaling=1.0, bits=4, iterations=1)

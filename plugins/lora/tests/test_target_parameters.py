@@ -145,6 +145,23 @@ def test_no_matching_parameter_is_an_error():
         peftkit.get_peft_model(tiny_mixtral(), LoraConfig(target_parameters=["experts.up_proj"]))
 
 
+def test_a_parameter_of_another_rank_is_refused_naming_its_shape():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Module()
+            self.block.scale = nn.Parameter(torch.ones(4))
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x) * self.block.scale
+
+    with pytest.raises(
+        ValueError, match=r"Module\.scale has shape \(4,\); LoRA adapts 2-D \(out, in\) and 3-D"
+    ):
+        peftkit.get_peft_model(Scaled(), LoraConfig(target_parameters=["block.scale"]))
+
+
 def test_adapters_must_target_the_same_parameters():
     model = peftkit.get_peft_model(tiny_mixtral(), LoraConfig(target_parameters=EXPERTS))
     with pytest.raises(ValueError, match="must all target the same parameters"):
