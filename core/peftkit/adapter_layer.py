@@ -258,6 +258,12 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             base.bias.copy_(bias.to(base.bias.dtype))
 
+    def merge_covers(self, other: AdapterLayer) -> bool:
+        """Whether merging this layer's adapters leaves ``other`` (a layer around a module that shares this
+        layer's weight, as a tied output head does) computing what it computed unmerged. Default False:
+        the model then warns that merging changes the tied module."""
+        return False
+
     def unloaded(self) -> nn.Module:
         """The module that replaces this one when the model is unloaded."""
         return self.base_layer

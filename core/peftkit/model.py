@@ -468,11 +468,16 @@ class PeftModel(nn.Module):
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter):
                 owners.setdefault(id(weight), []).append(path)
-        for path, layer in self.adapter_layers():
+        layers = dict(self.adapter_layers())
+        for path, layer in layers.items():
             weight = getattr(layer.get_base_layer(), "weight", None)
             if weight is None or not any(layer.holds(name) for name in names):
                 continue
-            others = [p for p in owners.get(id(weight), []) if p != path and not p.startswith(path + ".")]
+            others = [
+                p
+                for p in owners.get(id(weight), [])
+                if p != path and not p.startswith(path + ".") and not self._tie_covered(layer, p, layers)
+            ]
             if others:
                 warnings.warn(
                     f"merging into {path!r} also changes {', '.join(repr(p) for p in others)}, whose weight is "
@@ -481,6 +486,13 @@ class PeftModel(nn.Module):
                     UserWarning,
                     stacklevel=3,
                 )
+
+    @staticmethod
+    def _tie_covered(layer: AdapterLayer, path: str, layers: dict[str, AdapterLayer]) -> bool:
+        """Whether the tied module at ``path`` sits in an adapter layer that ``layer``'s merge already
+        accounts for (trainable tokens' tied output head reads the same rows)."""
+        owner = next((p for p in layers if path.startswith(p + ".base_layer")), None)
+        return owner is not None and layer.merge_covers(layers[owner])
 
     def unmerge_adapter(self) -> None:
         for name in reversed(list(self.peft_config)):

@@ -10,7 +10,7 @@ from peftkit_trainable_tokens.config import TrainableTokensConfig
 if TYPE_CHECKING:
     from peftkit_trainable_tokens.layer import TrainableTokensLayer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["TrainableTokensConfig", "TrainableTokensLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

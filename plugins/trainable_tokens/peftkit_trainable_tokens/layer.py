@@ -32,10 +32,12 @@ class TrainableTokensLayer(AdapterLayer):
             self.trainable_tokens_delta = nn.ParameterDict()
             self.token_indices: dict[str, list[int]] = {}
             self.trainable_tokens_original: dict[str, torch.Tensor] = {}
+            self.key_prefixes: dict[str, str] = {}
         else:
             self.trainable_tokens_delta = tied_to.trainable_tokens_delta
             self.token_indices = tied_to.token_indices
             self.trainable_tokens_original = tied_to.trainable_tokens_original
+            self.key_prefixes = tied_to.key_prefixes
 
     @property
     def tied_to(self) -> TrainableTokensLayer | None:
@@ -124,8 +126,14 @@ class TrainableTokensLayer(AdapterLayer):
                 weight.index_copy_(0, self._index(name, weight.device), original.to(weight))
             self.merged_adapters.remove(name)
 
-    def saved_tensors(self, adapter_name: str) -> list[tuple[str, torch.Tensor]]:
-        return self.adapter_parameters(adapter_name)
+    def adapter_parameters(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
+        """As PEFT names them: ``trainable_tokens_delta`` for a trainable tokens adapter, on the tied head
+        too; ``token_adapter.trainable_tokens_delta`` for another method's rows (LoRA's
+        ``trainable_token_indices``), which a tied head shares without naming them again."""
+        prefix = self.key_prefixes.get(adapter_name, "")
+        if prefix and self.tied_to is not None:
+            return []
+        return [(prefix + name, param) for name, param in super().adapter_parameters(adapter_name)]
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
@@ -134,7 +142,12 @@ class TrainableTokensLayer(AdapterLayer):
             del self.trainable_tokens_delta[adapter_name]
             self.token_indices.pop(adapter_name, None)
             self.trainable_tokens_original.pop(adapter_name, None)
+            self.key_prefixes.pop(adapter_name, None)
         self.active_adapters = [name for name in self.active_adapters if name != adapter_name]
+
+    def merge_covers(self, other: AdapterLayer) -> bool:
+        # a tied head's layer holds the same rows: merged or not, both compute with the trained rows
+        return other is self.tied_to or getattr(other, "tied_to", None) is self
 
     def extra_repr(self) -> str:
         tied = ", tied to the input embedding" if self.tied_to is not None else ""

@@ -21,8 +21,13 @@ def default_target(model: nn.Module) -> str:
     return "embed_tokens"
 
 
-def add_rows(model: nn.Module, config: TrainableTokensConfig, adapter_name: str) -> None:
-    """Give every module the config targets trainable rows for ``adapter_name``, then tie the output head."""
+def add_rows(
+    model: nn.Module, config: TrainableTokensConfig, adapter_name: str, key_prefix: str = ""
+) -> None:
+    """Give every module the config targets trainable rows for ``adapter_name``, then tie the output head.
+
+    ``key_prefix``: put before the rows' tensor name in the adapter's file (another method's rows are
+    keyed as PEFT keys them in that method's file: LoRA's under ``token_adapter.``)."""
     for path in find_targets(model, config):
         module = model.get_submodule(path)
         if not isinstance(module, TrainableTokensLayer):
@@ -33,6 +38,7 @@ def add_rows(model: nn.Module, config: TrainableTokensConfig, adapter_name: str)
             model.set_submodule(path, module)
         if module.tied_to is None:
             module.update_layer(adapter_name, config, logical_path(path))
+            module.key_prefixes[adapter_name] = key_prefix
     _tie_output_head(model)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import peftkit
 import pytest
@@ -68,6 +69,18 @@ def test_the_tied_head_uses_the_trained_rows():
     others = [i for i in range(128) if i not in ROWS]
     assert torch.equal(out[..., others], ref[..., others])
     assert not torch.allclose(out[..., ROWS], ref[..., ROWS])
+
+
+def test_merging_with_a_tied_head_gives_the_unmerged_outputs_without_a_tied_weights_warning():
+    model = peftkit.get_peft_model(tiny_gpt2(), TrainableTokensConfig(token_indices=ROWS, init_weights=False))
+    ids = batch()
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the core warns where a tie makes merged outputs differ: not here
+        model.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged)
 
 
 def test_untied_head_is_not_wrapped():
