@@ -17,6 +17,7 @@ from peftkit.adapter_layer import AdapterLayer, adapter_layers
 from peftkit.config import PeftConfig, read_config_dict
 from peftkit.errors import AdapterLoadError
 from peftkit.injection import logical_path
+from peftkit.modules_to_save import ModulesToSaveWrapper
 
 if TYPE_CHECKING:
     from peftkit.model import PeftModel
@@ -62,6 +63,7 @@ def load_adapter_state_dict(peft_model: PeftModel, adapter_name: str, state: dic
     """Copy saved tensors into a freshly injected adapter; any shape or key mismatch is an error."""
     config = peft_model.peft_config[adapter_name]
     spec = plugins.method_for_config(config)
+    state = _without_peft_wrapper_names(peft_model, spec.key_root, state)
     expected = _layer_entries(peft_model, adapter_name, spec.key_root)
     ready = {}
     for key, (layer, local, target) in expected.items():
@@ -84,6 +86,35 @@ def load_adapter_state_dict(peft_model: PeftModel, adapter_name: str, state: dic
             f"the adapter file holds tensor {unknown[0]!r} ({len(unknown)} unplaced in all), which no module "
             f"of this {spec.name} adapter takes: the adapter does not fit this base model"
         )
+
+
+def _without_peft_wrapper_names(
+    peft_model: PeftModel, key_root: str, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """PEFT's names inside its modules_to_save wrapper, as peftkit's: with ``bias="all"`` PEFT saves every
+    bias of the model, the wrapper's own too. ``<head>.modules_to_save.<name>`` is the trained copy's
+    tensor, which the file also holds as ``<head>.<name>``; ``<head>.original_module.<name>`` is the
+    original module's, at ``<head>.base_layer.<name>`` here."""
+    heads = [
+        f"{key_root}{logical_path(path)}."
+        for path, module in peft_model.base_model.model.named_modules()
+        if isinstance(module, ModulesToSaveWrapper)
+    ]
+    out = {}
+    for key, value in state.items():
+        for head in heads:
+            copy_key, original_key = head + "modules_to_save.", head + "original_module."
+            if key.startswith(copy_key):
+                key = head + key.removeprefix(copy_key)
+                if key in state:
+                    key = None  # the same tensor, saved under the head's own path as well
+                break
+            if key.startswith(original_key):
+                key = head + "base_layer." + key.removeprefix(original_key)
+                break
+        if key is not None:
+            out[key] = value
+    return out
 
 
 def _load_base_weights(peft_model: PeftModel, key_root: str, state: dict[str, torch.Tensor]) -> set[str]:

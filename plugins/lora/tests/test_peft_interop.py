@@ -33,6 +33,12 @@ CASES = {
         tiny_bert,
         dict(target_modules=["query", "value"], task_type="SEQ_CLS", bias="lora_only"),
     ),
+    # bias="all" with a task head: PEFT also saves the head wrapper's inner biases
+    # (classifier.modules_to_save.bias, classifier.original_module.bias)
+    "bert-seq-cls-bias-all": (
+        tiny_bert,
+        dict(target_modules=["query"], task_type="SEQ_CLS", bias="all"),
+    ),
     "llama-embedding": (tiny_llama, dict(target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM")),
 }
 
