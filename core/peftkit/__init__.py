@@ -1,15 +1,18 @@
 """peftkit: parameter-efficient fine-tuning with methods as plugins.
 
 Importing this package loads nothing: names resolve on first use, and plugins are discovered by the
-first call that needs them. Method configs (``LoraConfig``, ...) are re-exported from their plugins.
+first call that needs them. Method configs (``LoraConfig``, ...) are re-exported from their plugins, and
+so are the names a method lists in its ``MethodSpec.exports`` (LoRA's ``EvaConfig``,
+``initialize_lora_eva_weights``, ...), as PEFT exports them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 _EXPORTS = {
     "get_peft_model": "peftkit.model",
@@ -25,6 +28,7 @@ _EXPORTS = {
     "inject_into_targets": "peftkit.injection",
     "prepare_model_for_kbit_training": "peftkit.kbit",
     "hotswap_adapter": "peftkit.hotswap",
+    "initialize_from_data": "peftkit.data_init",
     "prepare_model_for_compiled_hotswap": "peftkit.hotswap",
     "PeftkitError": "peftkit.errors",
     "ConfigError": "peftkit.errors",
@@ -48,4 +52,8 @@ def __getattr__(name: str) -> Any:
         config_class = plugins.config_class_named(name)
         if config_class is not None:
             return config_class
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is None:  # not a submodule
+        exported = importlib.import_module("peftkit.plugins").exported_name(name)
+        if exported is not None:
+            return exported
     raise AttributeError(f"module 'peftkit' has no attribute {name!r}")

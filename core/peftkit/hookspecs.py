@@ -16,7 +16,7 @@ model is ``peft_model.base_model.model``), ``config`` (the adapter's config, val
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -132,6 +132,36 @@ def peftkit_transform_outputs(
         :func:`peftkit_transform_inputs`).
     :param outputs: what the base model returned (or the previous adapter's rewrite of it).
     :return: the new outputs; None to leave them as they are.
+    """
+
+
+# --- initialising from data ------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def peftkit_initialize_from_data(
+    peft_model: PeftModel,
+    config: PeftConfig,
+    adapter_name: str,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    show_progress: bool,
+    options: dict[str, Any],
+) -> bool | None:
+    """Initialise an injected adapter from what the model computes on data (LoRA's EVA).
+
+    firstresult: the owning method answers. Called by :func:`peftkit.initialize_from_data` after the
+    adapter was injected with its config's data-driven init. Run batches through the model with
+    ``forward``, read what the method needs (layer inputs, activations, gradients), and set the adapter's
+    tensors; the adapter may change shape (ranks), and then its config must say so (``rank_pattern``), so
+    that the adapter saves and loads as a plain one of its method. Raise a ``ValueError`` naming the adapter
+    when its config asks for no data-driven init.
+
+    :param batches: an iterable of model inputs (a dataloader); it may be iterated more than once.
+    :param forward: runs one batch through the model: ``forward(peft_model, batch)``.
+    :param show_progress: whether to show a progress bar for the pass over the data.
+    :param options: the method's own keyword arguments (EVA's ``prepare_model_inputs_fn``, ...); raise a
+        ``TypeError`` naming any that the method does not take.
+    :return: True once initialised; None when the config is not this plugin's method, or the method has no
+        data-driven initialisation (the core then says so).
     """
 
 

@@ -26,6 +26,8 @@ class MethodSpec:
     ``adapter_config.json`` (``"LORA"``). ``key_root`` is the prefix PEFT puts before module paths in the
     saved tensors: ``"base_model.model."`` for methods that wrap layers, ``"base_model."`` for prompt
     methods. ``distribution`` and ``version`` are filled in by discovery from the installed package.
+    ``exports`` names more objects that ``from peftkit import <name>`` finds, as ``"module:attribute"``
+    strings imported on first use (LoRA's ``"peftkit_lora.eva_init:initialize_lora_eva_weights"``).
     """
 
     name: str
@@ -38,6 +40,7 @@ class MethodSpec:
     key_root: str = "base_model.model."
     distribution: str | None = None
     version: str | None = None
+    exports: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

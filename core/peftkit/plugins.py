@@ -251,6 +251,19 @@ def config_class_named(class_name: str) -> type | None:
     return None
 
 
+def exported_name(name: str) -> Any | None:
+    """The object a method exports under ``name`` (``MethodSpec.exports``: "module:attribute" strings,
+    imported only now), or None."""
+    import importlib
+
+    for spec in methods().values():
+        for target in spec.exports:
+            module_name, _, attribute = target.partition(":")
+            if attribute == name:
+                return getattr(importlib.import_module(module_name), attribute)
+    return None
+
+
 # --- typed hook calls ------------------------------------------------------------------------------
 def _hook() -> Any:
     return host().pm.hook
@@ -309,6 +322,28 @@ def transform_outputs(
 def on_optimizer_step(peft_model: PeftModel, config: PeftConfig, adapter_name: str, global_step: int) -> None:
     _hook().peftkit_on_optimizer_step(
         peft_model=peft_model, config=config, adapter_name=adapter_name, global_step=global_step
+    )
+
+
+def initialize_from_data(
+    peft_model: PeftModel,
+    config: PeftConfig,
+    adapter_name: str,
+    batches: Any,
+    forward: Any,
+    show_progress: bool,
+    options: dict[str, Any],
+) -> bool:
+    return bool(
+        _hook().peftkit_initialize_from_data(
+            peft_model=peft_model,
+            config=config,
+            adapter_name=adapter_name,
+            batches=batches,
+            forward=forward,
+            show_progress=show_progress,
+            options=options,
+        )
     )
 
 
