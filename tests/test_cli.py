@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 LORA_VERSION = importlib.metadata.version("peftkit-lora")
 LORA_HOOKS = [
     "peftkit_adapter_state_dict",
+    "peftkit_initialize_from_data",
     "peftkit_inject_adapter",
     "peftkit_load_adapter_state_dict",
     "peftkit_model_methods",

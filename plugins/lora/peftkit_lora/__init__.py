@@ -5,16 +5,28 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from peftkit_lora.config import LoftQConfig, LoraConfig
+from peftkit_lora.config import EvaConfig, LoftQConfig, LoraConfig
 
 if TYPE_CHECKING:
     from peftkit_lora.layer import LoraLayer
 
-__version__ = "0.5.0"
-__all__ = ["LoftQConfig", "LoraConfig", "LoraLayer", "__version__"]
+__version__ = "0.6.0"
+__all__ = [
+    "EvaConfig",
+    "LoftQConfig",
+    "LoraConfig",
+    "LoraLayer",
+    "__version__",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.
-_LAZY = {"LoraLayer": "peftkit_lora.layer"}
+_LAZY = {
+    "LoraLayer": "peftkit_lora.layer",
+    "get_eva_state_dict": "peftkit_lora.eva_init",
+    "initialize_lora_eva_weights": "peftkit_lora.eva_init",
+}
 
 
 def __getattr__(name: str) -> Any:

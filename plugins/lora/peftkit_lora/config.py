@@ -18,7 +18,7 @@ from peftkit.config import (
     fail,
 )
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")  # and "pissa_niter_<N>"
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq", "eva")  # and "pissa_niter_<N>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA by a fast SVD of N subspace iterations
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -37,6 +37,37 @@ class LoftQConfig:
 
 
 @dataclass
+class EvaConfig:
+    """EVA's settings (``init_lora_weights="eva"``, then :func:`peftkit_lora.initialize_lora_eva_weights`).
+
+    Each targeted layer computes up to ``round(r · rho)`` principal directions of its inputs; the layers'
+    ranks, summing to the total of their ``r``, go to the directions that explain the most variance. A
+    direction has converged when its cosine similarity to the previous batch's is at least ``tau``.
+    ``use_label_mask``: tokens whose label is ``label_mask_value`` are left out. ``whiten``: A's rows are
+    divided by the square root of their singular values. ``adjust_scaling_factors``: a layer whose rank
+    changed gets ``lora_alpha · new rank / r``, so its scale ``alpha / r`` stays as configured.
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho < 1.0:
+            raise fail(self, "rho", self.rho, "a number >= 1.0 (the most a layer's rank may grow: r · rho)")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+            raise fail(self, "tau", self.tau, "a cosine similarity in [0, 1]")
+        for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):
+            if not isinstance(getattr(self, name), bool):
+                raise fail(self, name, getattr(self, name), "True or False")
+        if isinstance(self.label_mask_value, bool) or not isinstance(self.label_mask_value, int):
+            raise fail(self, "label_mask_value", self.label_mask_value, "an integer label (PEFT's -100)")
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """LoRA: adds ``scaling · B A`` to each targeted layer, ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
 
@@ -49,7 +80,6 @@ class LoraConfig(PeftConfig):
     peft_only_fields: ClassVar[dict[str, Any]] = {
         "use_qalora": False,
         "trainable_token_indices": None,
-        "eva_config": None,
         "corda_config": None,
         "lora_ga_config": None,
         "velora_config": None,
@@ -88,6 +118,8 @@ class LoraConfig(PeftConfig):
     target_parameters: list[str] | None = None
     # LoftQ's settings as a dict, as PEFT stores them ({} unless init_lora_weights="loftq")
     loftq_config: LoftQConfig | dict = field(default_factory=dict)
+    # EVA's settings (init_lora_weights="eva"); saved as a dict, as PEFT saves them
+    eva_config: EvaConfig | dict | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +144,7 @@ class LoraConfig(PeftConfig):
         self._check_patterns()
         self._check_target_parameters()
         self._check_loftq()
+        self._check_eva()
 
     def _check_init(self) -> None:
         init = self.init_lora_weights
@@ -123,7 +156,7 @@ class LoraConfig(PeftConfig):
                 self,
                 "init_lora_weights",
                 init,
-                "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations), 'olora' or 'loftq'",
+                "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations), 'olora', 'loftq' or 'eva'",
             )
 
     def _check_patterns(self) -> None:
@@ -198,3 +231,43 @@ class LoraConfig(PeftConfig):
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _check_eva(self) -> None:
+        """PEFT's rules: "eva" without an eva_config takes EvaConfig's defaults, an eva_config without "eva" is
+        ignored (both with a warning); a dict becomes an EvaConfig. EVA reads a layer's inputs, which LoRA on
+        a parameter never sees."""
+        value = self.eva_config
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(EvaConfig)})
+            if unknown:
+                raise fail(self, "eva_config", value, f"an EvaConfig or a dict of its fields (unknown: {unknown})")
+            value = EvaConfig(**value)
+        elif value is not None and not isinstance(value, EvaConfig):
+            raise fail(self, "eva_config", value, "an EvaConfig, a dict of its fields, or None")
+        if self.init_lora_weights == "eva":
+            if value is None:
+                warnings.warn(
+                    "LoraConfig: init_lora_weights='eva' without an eva_config; using EvaConfig()'s defaults",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                value = EvaConfig()
+            if self.target_parameters:
+                raise fail(
+                    self,
+                    "init_lora_weights",
+                    "eva",
+                    "anything but 'eva' with target_parameters (EVA reads a layer's inputs; LoRA on a parameter sees none)",
+                )
+        elif value is not None:
+            warnings.warn(
+                "LoraConfig.eva_config is ignored unless init_lora_weights='eva'", UserWarning, stacklevel=3
+            )
+        self.eva_config = value
+
+    def to_dict(self) -> dict[str, Any]:
+        """As PEFT writes it: eva_config as a plain dict."""
+        out = super().to_dict()
+        if isinstance(self.eva_config, EvaConfig):
+            out["eva_config"] = dataclasses.asdict(self.eva_config)
+        return out

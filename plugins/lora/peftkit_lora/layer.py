@@ -331,7 +331,7 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
             return
-        if init is True:
+        if init is True or init == "eva":  # EVA's A is kaiming's until initialize_lora_eva_weights sets it
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
         else:  # "gaussian"
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])

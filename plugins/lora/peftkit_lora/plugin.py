@@ -26,9 +26,26 @@ DEFAULT_TARGETS = {
 }
 
 
+# what `from peftkit import ...` finds besides LoraConfig, as PEFT exports them
+EXPORTS = (
+    "peftkit_lora.config:LoftQConfig",
+    "peftkit_lora.config:EvaConfig",
+    "peftkit_lora.eva_init:initialize_lora_eva_weights",
+    "peftkit_lora.eva_init:get_eva_state_dict",
+)
+
+
 @hookimpl
 def peftkit_register_methods() -> list[MethodSpec]:
-    return [MethodSpec(name="lora", config_class=LoraConfig, peft_type="LORA", family="weight-delta")]
+    return [
+        MethodSpec(
+            name="lora",
+            config_class=LoraConfig,
+            peft_type="LORA",
+            family="weight-delta",
+            exports=EXPORTS,
+        )
+    ]
 
 
 @hookimpl
@@ -121,3 +138,13 @@ def peftkit_prepare_compiled_hotswap(peft_model, config: LoraConfig, adapter_nam
     for _, layer in layers:
         layer.prepare_compiled_hotswap(adapter_name, target_rank)
     return True
+
+
+@method_impl("lora")
+def peftkit_initialize_from_data(
+    peft_model, config: LoraConfig, adapter_name: str, batches, forward, show_progress, options
+):
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_lora.eva_init import eva_from_data
+
+    return eva_from_data(peft_model, config, adapter_name, batches, forward, show_progress, options)
