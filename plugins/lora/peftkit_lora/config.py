@@ -79,7 +79,6 @@ class LoraConfig(PeftConfig):
     method: ClassVar[str] = "lora"
     peft_only_fields: ClassVar[dict[str, Any]] = {
         "use_qalora": False,
-        "trainable_token_indices": None,
         "corda_config": None,
         "lora_ga_config": None,
         "velora_config": None,
@@ -120,6 +119,9 @@ class LoraConfig(PeftConfig):
     loftq_config: LoftQConfig | dict = field(default_factory=dict)
     # EVA's settings (init_lora_weights="eva"); saved as a dict, as PEFT saves them
     eva_config: EvaConfig | dict | None = None
+    # rows of embeddings that train beside the adapter (peftkit_lora.tokens): a list for the input
+    # embedding, or {embedding name: rows}
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -145,6 +147,7 @@ class LoraConfig(PeftConfig):
         self._check_target_parameters()
         self._check_loftq()
         self._check_eva()
+        self._check_trainable_token_indices()
 
     def _check_init(self) -> None:
         init = self.init_lora_weights
@@ -193,6 +196,45 @@ class LoraConfig(PeftConfig):
                     getattr(self, name),
                     f"{allowed} when target_parameters is set (LoRA on a parameter cannot apply it)",
                 )
+
+    def _check_trainable_token_indices(self) -> None:
+        """PEFT's two forms: a list of token ids (the input embedding's rows) or {embedding name: token ids}."""
+        value = self.trainable_token_indices
+        if value is None:
+            return
+        expected = "a list of token ids, or a dict of embedding name to a list of token ids"
+        rows_by_name = dict(value) if isinstance(value, dict) else {"": value}
+        if not rows_by_name or not isinstance(value, (list, tuple, dict)):
+            raise fail(self, "trainable_token_indices", value, expected)
+        for name, rows in rows_by_name.items():
+            if not isinstance(name, str) or (isinstance(value, dict) and not name):
+                raise fail(self, "trainable_token_indices", value, expected + " (names: non-empty strings)")
+            if isinstance(rows, tuple):
+                rows = list(rows)
+            if (
+                not isinstance(rows, list)
+                or not rows
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in rows)
+            ):
+                raise fail(
+                    self, "trainable_token_indices", value, expected + " (non-empty lists of ids >= 0)"
+                )
+            repeated = sorted({i for i in rows if rows.count(i) > 1})
+            if repeated:
+                raise fail(
+                    self, "trainable_token_indices", value, f"lists that name each token once ({repeated} repeat)"
+                )
+            rows_by_name[name] = rows
+        self.trainable_token_indices = rows_by_name if isinstance(value, dict) else rows_by_name[""]
+        overlap = sorted(set(rows_by_name) & set(self.modules_to_save or []))
+        if overlap:
+            raise fail(
+                self,
+                "trainable_token_indices",
+                value,
+                f"no embedding that modules_to_save also names ({overlap[0]!r}): train it whole with "
+                "modules_to_save, or only some of its rows with trainable_token_indices, not both",
+            )
 
     def save_pretrained(self, directory) -> None:
         """A LoftQ adapter is saved as PEFT's LoftQ recipe saves it, with ``init_lora_weights=True``: its A

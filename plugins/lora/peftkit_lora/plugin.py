@@ -79,8 +79,12 @@ def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) ->
                 f"{type(peft_model.base_model.model).__name__}: name parameters by their full name or a "
                 "suffix of it, e.g. 'mlp.experts.gate_up_proj'"
             )
-        return True
-    inject_into_targets(peft_model, config, adapter_name, LoraLayer)
+    else:
+        inject_into_targets(peft_model, config, adapter_name, LoraLayer)
+    if config.trainable_token_indices is not None:
+        from peftkit_lora.tokens import add_trainable_tokens
+
+        add_trainable_tokens(peft_model.base_model.model, config, adapter_name)
     return True
 
 
