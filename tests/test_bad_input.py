@@ -100,11 +100,11 @@ def test_invalid_json_config_is_reported(tmp_path):
 def test_unknown_peft_type_names_installed_methods_and_the_package_to_install(tmp_path):
     saved_adapter(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "BOFT"}))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "VBLORA"}))
     with pytest.raises(UnknownMethodError) as info:
         peftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     message = str(info.value)
-    assert "no installed plugin provides peft_type 'BOFT' (install 'peftkit-boft' to use it)" in message
+    assert "no installed plugin provides peft_type 'VBLORA' (install 'peftkit-vblora' to use it)" in message
     assert "installed methods: " in message and "lora (LORA)" in message
 
 

@@ -30,6 +30,7 @@ EXAMPLE_CONFIGS = {
     "adalora": ("AdaLoraConfig", dict(target_modules=TARGETS, init_r=4, target_r=2, total_step=10)),
     "vera": ("VeraConfig", dict(r=4, target_modules=TARGETS)),
     "oft": ("OFTConfig", dict(oft_block_size=16, target_modules=TARGETS)),
+    "boft": ("BOFTConfig", dict(boft_block_size=8, boft_n_butterfly_factor=2, target_modules=TARGETS)),
     "ia3": ("IA3Config", dict(target_modules=TARGETS, feedforward_modules=["down_proj"])),
     "bitfit": ("BitFitConfig", {}),
     "ln_tuning": ("LNTuningConfig", {}),
