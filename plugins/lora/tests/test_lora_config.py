@@ -16,9 +16,9 @@ from peftkit_lora import LoraConfig
         (dict(lora_dropout=1.0), "LoraConfig.lora_dropout must be a number in [0, 1), got 1.0"),
         (dict(bias="some"), "LoraConfig.bias must be one of 'none', 'all', 'lora_only', got 'some'"),
         (
-            dict(init_lora_weights="eva"),
+            dict(init_lora_weights="corda"),
             "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' "
-            "(N >= 1 iterations), 'olora' or 'loftq', got 'eva'",
+            "(N >= 1 iterations), 'olora', 'loftq' or 'eva', got 'corda'",
         ),
         (
             dict(target_modules=3),
