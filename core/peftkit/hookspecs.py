@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import click
     import torch
     from torch import nn
 
     from peftkit.config import PeftConfig
+    from peftkit.foreign_format import ForeignAdapter
     from peftkit.layer_access import LayerFeatures
     from peftkit.method import MethodSpec
     from peftkit.model import PeftModel
@@ -247,6 +250,42 @@ def peftkit_load_adapter_state_dict(
 
     :param state_dict: saved key to tensor, PEFT's key names.
     :return: the keys taken; None when the method keeps nothing outside its layers.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_read_foreign_adapter(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
+    """Read an adapter folder saved in another library's format (AdapterHub's ``save_adapter``, ...).
+
+    firstresult: the plugin that recognises the folder's format answers. The core asks only for folders
+    that are not PEFT's (no ``adapter_config.json`` with a ``peft_type``): ``PeftModel.from_pretrained``
+    and ``load_adapter`` with the base model, ``peftkit inspect`` without one. Read tensor files without
+    executing code (safetensors, or ``torch.load(..., weights_only=True)``). Raise
+    :class:`peftkit.AdapterLoadError` naming the file and the setting where the folder is in the format but
+    holds what the method cannot represent.
+
+    :param folder: an existing folder.
+    :param model: the base model to load the adapter onto (adapters of other methods may already wrap
+        some of its layers); None when only describing the folder.
+    :return: a :class:`peftkit.foreign_format.ForeignAdapter`, with ``config`` and ``tensors`` (PEFT's keys
+        for ``model``) set when ``model`` is given; None when the folder is not in a format this plugin reads.
+    """
+
+
+@hookspec(firstresult=True)
+def peftkit_save_foreign_adapter(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, format: str, folder: Path
+) -> bool | None:
+    """Write the adapter in another library's format (``save_pretrained(folder, format=...)``).
+
+    firstresult: the owning method answers, for the formats it writes. ``folder`` is a fresh staging
+    folder that the core moves into place once every adapter is written, so a failed save leaves nothing
+    behind. Raise :class:`peftkit.ConfigError` naming the setting where the adapter holds what the
+    format cannot.
+
+    :param format: the format's name, as :class:`peftkit.foreign_format.ForeignAdapter` names it when read.
+    :param folder: the (empty) folder to write this adapter's files into.
+    :return: True once written; None when this method does not write ``format``.
     """
 
 

@@ -19,6 +19,7 @@ from peftkit.adapter_layer import AdapterLayer, adapter_layers
 from peftkit.adapter_swap import swap_adapter
 from peftkit.config import CONFIG_NAME, PeftConfig, with_task_heads
 from peftkit.errors import AdapterNameError, ConfigError, MergeNotSupportedError
+from peftkit.foreign_format import PEFT_FORMAT, read_foreign_adapter
 from peftkit.forward_signature import forward_with_base_signature
 from peftkit.integrations.plain_trainer import warn_on_plain_trainer_save
 from peftkit.modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
@@ -546,11 +547,22 @@ class PeftModel(nn.Module):
 
     # --- saving and loading -----------------------------------------------------------------------
     def save_pretrained(
-        self, save_directory: str | Path, selected_adapters: list[str] | None = None, **_: Any
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        format: str = PEFT_FORMAT,
+        **_: Any,
     ) -> None:
-        """Write each adapter in PEFT's format: "default" at the top, any other under a sub-folder of its name."""
+        """Write each adapter in PEFT's format: "default" at the top, any other under a sub-folder of its name.
+
+        ``format`` names another library's layout that the adapters' method writes (peftkit-bottleneck:
+        ``"adapterhub"``, what AdapterHub's ``load_adapter`` reads), with the same folders.
+        """
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         self._check_known(names)
+        if format != PEFT_FORMAT:
+            self._save_foreign(save_directory, names, format)
+            return
         from peftkit import __version__
 
         with serialization.atomic_folder(save_directory) as staging:
@@ -567,6 +579,21 @@ class PeftModel(nn.Module):
                 serialization.write_tensors(folder, serialization.adapter_state_dict(self, name), metadata)
                 config.save_pretrained(folder)
 
+    def _save_foreign(self, save_directory: str | Path, names: list[str], format: str) -> None:
+        if not isinstance(format, str):
+            raise ConfigError(f"save_pretrained's format must be a format's name, such as 'peft', got {format!r}")
+        with serialization.atomic_folder(save_directory) as staging:
+            for name in names:
+                folder = staging if name == "default" else staging / name
+                folder.mkdir(parents=True, exist_ok=True)
+                config = self.peft_config[name]
+                if not plugins.save_foreign_adapter(self, config, name, format, folder):
+                    raise ConfigError(
+                        f"adapter {name!r} is a {self._method(name).name} adapter, and no installed plugin writes "
+                        f"{self._method(name).name} adapters in format {format!r}; format='peft' (the default) "
+                        "writes every method"
+                    )
+
     @classmethod
     def from_pretrained(
         cls,
@@ -581,14 +608,21 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Load a saved adapter (ours or PEFT's) onto ``model``; it is active and, unless is_trainable, frozen.
 
+        A folder in another library's format loads where an installed plugin reads that format
+        (peftkit-bottleneck reads AdapterHub's ``save_adapter`` folders).
+
         ``all_adapters=True`` also loads every adapter saved in a sub-folder (where :meth:`save_pretrained`
         puts adapters not named "default"), each under its folder's name and inactive, as
         :meth:`load_adapter` leaves them: activate them with :meth:`set_adapter`.
         """
         folder = Path(model_id, subfolder) if subfolder else Path(model_id)
-        config = config if config is not None else load_config(folder)
+        foreign = read_foreign_adapter(folder, model) if config is None else None
+        if foreign is not None:  # another library's folder, read by the plugin that knows its format
+            config, tensors = foreign.config, foreign.tensors
+        else:
+            config = config if config is not None else load_config(folder)
+            tensors = serialization.read_tensors(folder)
         config.inference_mode = not is_trainable
-        tensors = serialization.read_tensors(folder)
         peft_model = cls(model, config, adapter_name)
         serialization.load_adapter_state_dict(peft_model, adapter_name, tensors)
         if all_adapters:
@@ -617,9 +651,13 @@ class PeftModel(nn.Module):
             self.peft_config[adapter_name].inference_mode = not is_trainable
             self._update_trainable()
             return
-        config = load_config(folder)
+        foreign = read_foreign_adapter(folder, self.base_model.model)
+        if foreign is not None:  # another library's folder, read by the plugin that knows its format
+            config, tensors = foreign.config, foreign.tensors
+        else:
+            config, tensors = load_config(folder), serialization.read_tensors(folder)
         config.inference_mode = not is_trainable
-        self.add_adapter_from_tensors(adapter_name, config, serialization.read_tensors(folder))
+        self.add_adapter_from_tensors(adapter_name, config, tensors)
 
     def add_adapter_from_tensors(self, adapter_name: str, config: PeftConfig, tensors: dict[str, Any]) -> None:
         """Add an adapter from its config and its saved tensors (keyed as in ``adapter_model.safetensors``);

@@ -19,11 +19,14 @@ from peftkit.errors import PluginConflictError, UnknownMethodError
 from peftkit.method import MethodSpec, method_of
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import click
     import torch
     from torch import nn
 
     from peftkit.config import PeftConfig
+    from peftkit.foreign_format import ForeignAdapter
     from peftkit.layer_access import LayerFeatures
     from peftkit.model import PeftModel
 
@@ -425,6 +428,20 @@ def dense_layer(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 def model_method(name: str) -> Any | None:
     """The function a plugin added to PeftModel under ``name`` (``peftkit_model_methods``), or None."""
     return host().model_methods.get(name)
+
+
+def read_foreign_adapter(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
+    return _hook().peftkit_read_foreign_adapter(folder=folder, model=model)
+
+
+def save_foreign_adapter(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, format: str, folder: Path
+) -> bool:
+    return bool(
+        _hook().peftkit_save_foreign_adapter(
+            peft_model=peft_model, config=config, adapter_name=adapter_name, format=format, folder=folder
+        )
+    )
 
 
 def register_commands(cli: click.Group) -> list[tuple[str, Exception]]:

@@ -269,9 +269,51 @@ def inspect_diffusers_file(file: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def inspect_foreign_folder(path: Path) -> dict[str, Any] | None:
+    """A folder in another library's format that an installed plugin reads (AdapterHub's, with
+    peftkit-bottleneck), as ``peftkit inspect --json`` reports it; None for any other folder."""
+    from peftkit.foreign_format import read_foreign_adapter  # asks the plugins: not for `--help`
+
+    foreign = read_foreign_adapter(path)
+    if foreign is None:
+        return None
+    spec = plugins.methods().get(foreign.method) if foreign.method else None
+    peft_type = spec.peft_type if spec is not None else "-"
+    tensor_rows = [
+        {
+            "name": key,
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "parameters": tensor.numel(),
+        }
+        for key, tensor in sorted(foreign.source_tensors.items())
+    ]
+    size = foreign.file.stat().st_size
+    return {
+        "name": "default",
+        "path": str(path),
+        "peft_type": peft_type,
+        **_method_facts(peft_type, {}),
+        "config": foreign.source_config,
+        "file": foreign.file.name,
+        "size_bytes": size,
+        "size": human_size(size),
+        "parameters": sum(row["parameters"] for row in tensor_rows),
+        "tensors": tensor_rows,
+        "metadata": {},
+        "format": foreign.format,
+        "foreign": True,
+        "notes": foreign.notes,
+    }
+
+
 def inspect_report(path: Path) -> dict[str, Any]:
     """The folder's own adapter ("default") and the adapters PEFT saves in sub-folders of their name; or,
-    for a diffusers LoRA file (or a folder holding one), each pipeline component it holds a LoRA for."""
+    for a diffusers LoRA file (or a folder holding one), each pipeline component it holds a LoRA for; or a
+    folder in another library's format that an installed plugin reads."""
+    foreign = inspect_foreign_folder(path)
+    if foreign is not None:
+        return {"path": str(path), "adapters": [foreign]}
     lora_file = _diffusers_lora_file(path)
     if lora_file is not None:
         return {"path": str(path), "adapters": inspect_diffusers_file(lora_file)}
@@ -294,6 +336,11 @@ def _method_line(adapter: dict[str, Any]) -> str:
 
 
 def _format_line(adapter: dict[str, Any]) -> str:
+    if adapter.get("foreign"):
+        return (
+            f"{adapter['format']} folder; PeftModel.from_pretrained loads it as a {adapter['method']} adapter"
+            + "".join(f"; {note}" for note in adapter["notes"])
+        )
     if adapter["format"] == "kohya":
         return (
             f"kohya LoRA file (lora_unet_... keys), component {adapter['component']!r}; "
@@ -347,7 +394,8 @@ def inspect_command(path: Path, as_json: bool) -> None:
 
     Reads adapter_config.json and the tensor file only; no base model is needed. Adapters PEFT saved in
     sub-folders (PATH/<name>/) are shown too. PATH may also be a diffusers LoRA file (diffusers' or kohya's
-    keys), or a folder holding one (pytorch_lora_weights.safetensors): one entry per pipeline component.
+    keys), or a folder holding one (pytorch_lora_weights.safetensors): one entry per pipeline component; or a
+    folder in another library's format that an installed plugin reads (AdapterHub's, with peftkit-bottleneck).
     """
     try:
         report = inspect_report(path)
