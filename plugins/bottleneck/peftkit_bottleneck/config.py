@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from peftkit.config import PeftConfig, check_choice, check_probability, check_str_list, fail
 
@@ -15,9 +15,14 @@ INIT_WEIGHTS = ("mam_adapter", "bert", "houlsby")
 # AdapterHub's presets: DoubleSeqBnConfig (Houlsby et al. 2019), SeqBnConfig (Pfeiffer et al. 2020) and
 # ParBnConfig (He et al. 2022). init_weights is the exception: every style starts at the zero-up init.
 STYLE_DEFAULTS: dict[str, dict[str, object]] = {
-    "houlsby": {"reduction_factor": 16, "non_linearity": "swish", "scaling": 1.0},
-    "pfeiffer": {"reduction_factor": 16, "non_linearity": "relu", "scaling": 1.0},
-    "parallel": {"reduction_factor": 2, "non_linearity": "relu", "scaling": 4.0},
+    "houlsby": {
+        "reduction_factor": 16,
+        "non_linearity": "swish",
+        "scaling": 1.0,
+        "original_ln_before": False,
+    },
+    "pfeiffer": {"reduction_factor": 16, "non_linearity": "relu", "scaling": 1.0, "original_ln_before": True},
+    "parallel": {"reduction_factor": 2, "non_linearity": "relu", "scaling": 4.0, "original_ln_before": False},
 }
 
 
@@ -32,8 +37,12 @@ class BottleneckConfig(PeftConfig):
     ``style`` picks where adapters go: ``"houlsby"`` after the attention and the feed-forward block,
     ``"pfeiffer"`` after the feed-forward block, ``"parallel"`` beside the feed-forward block (fed its
     input). ``reduction_factor``, ``non_linearity`` and ``scaling`` left at None take the style's
-    AdapterHub default. ``attention_modules`` and ``feedforward_modules`` name the blocks for models
-    whose layout peftkit-bottleneck does not know (names or name suffixes, or a regex on the full path).
+    AdapterHub default. ``original_ln_before`` (AdapterHub's name; True for ``"pfeiffer"``, False
+    otherwise): whether a sequential adapter reads the block's output after the residual connection
+    and the layer norm that follows it (as AdapterHub's ``SeqBnConfig``) rather than the block's output
+    itself (``DoubleSeqBnConfig``). ``attention_modules`` and ``feedforward_modules`` name the blocks for
+    models whose layout peftkit-bottleneck does not know (names or name suffixes, or a regex on the full
+    path).
     """
 
     method: ClassVar[str] = "bottleneck"
@@ -46,6 +55,7 @@ class BottleneckConfig(PeftConfig):
     init_weights: str = "mam_adapter"
     dropout: float = 0.0
     cross_adapter: bool = False
+    original_ln_before: bool | None = None
     attention_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
 
@@ -72,6 +82,15 @@ class BottleneckConfig(PeftConfig):
         check_probability(self, "dropout")
         if not isinstance(self.cross_adapter, bool):
             raise fail(self, "cross_adapter", self.cross_adapter, "True or False")
+        if not isinstance(self.original_ln_before, bool):
+            raise fail(self, "original_ln_before", self.original_ln_before, "True, False or None")
+        if self.original_ln_before and self.is_parallel:
+            raise fail(
+                self,
+                "original_ln_before",
+                True,
+                "False or None with style='parallel' (a parallel adapter reads the block's input)",
+            )
         check_str_list(self, "attention_modules", allow_str=True)
         check_str_list(self, "feedforward_modules", allow_str=True)
         if self.attention_modules is not None and self.style != "houlsby":
@@ -82,6 +101,14 @@ class BottleneckConfig(PeftConfig):
                 f"None with style={self.style!r} (only 'houlsby' puts adapters after the attention block)",
             )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
+        # saved by peftkit-bottleneck 0.1, before original_ln_before existed: its sequential adapters all
+        # read the block's output, which original_ln_before=False keeps
+        if data.get("peft_type") == "BOTTLENECK" and "original_ln_before" not in data:
+            data = {**data, "original_ln_before": False}
+        return super().from_dict(data)
+
     @property
     def is_parallel(self) -> bool:
         return self.style == "parallel"
@@ -89,3 +116,8 @@ class BottleneckConfig(PeftConfig):
     @property
     def adapts_attention(self) -> bool:
         return self.style == "houlsby"
+
+    @property
+    def reads_normalized_sum(self) -> bool:
+        """Whether a sequential adapter reads the block's output after the residual add (and its norm)."""
+        return bool(self.original_ln_before) and not self.is_parallel

@@ -7,7 +7,10 @@ placement at this block ``f``:
 - ``after`` (Houlsby, Pfeiffer): ``y = f(x) + a(f(x))``, on the first element when ``f`` returns a tuple;
 - ``beside`` (parallel): ``y = f(x) + a(x)``;
 - ``beside_residual`` (parallel where ``f`` adds its own residual and normalises, as BERT's ``BertOutput``
-  computes ``LayerNorm(dense(h) + r)``): ``y = f(h, r + a(r))``, which is ``LayerNorm(dense(h) + a(r) + r)``.
+  computes ``LayerNorm(dense(h) + r)``): ``y = f(h, r + a(r))``, which is ``LayerNorm(dense(h) + a(r) + r)``;
+- ``around_norm`` (sequential, reading the normalised residual sum, where ``f`` is the layer norm after a
+  residual connection, as BERT's ``LayerNorm(dense(h) + r)``): ``y = f(s + a(f(s)))`` for its input ``s``,
+  AdapterHub's ``original_ln_before=True``.
 
 With ``up`` zero (the ``mam_adapter`` init) ``a`` is zero, so a new adapter leaves ``f`` unchanged.
 """
@@ -22,8 +25,10 @@ from peftkit import AdapterLayer
 from peftkit.layer_access import LINEAR, LayerFeatures
 from torch import nn
 
-AFTER, BESIDE, BESIDE_RESIDUAL = "after", "beside", "beside_residual"
-PLACEMENTS = (AFTER, BESIDE, BESIDE_RESIDUAL)
+AFTER, BESIDE, BESIDE_RESIDUAL, AROUND_NORM = "after", "beside", "beside_residual", "around_norm"
+PLACEMENTS = (AFTER, BESIDE, BESIDE_RESIDUAL, AROUND_NORM)
+# the placements whose adapter reads what the block writes (the others read what it reads)
+READS_OUTPUT = (AFTER, AROUND_NORM)
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -62,7 +67,7 @@ class BottleneckLayer(AdapterLayer):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         d_out = self.features.out_features
-        d_in = d_out if placement == AFTER else self.features.in_features
+        d_in = d_out if placement in READS_OUTPUT else self.features.in_features
         m = bottleneck_size(config, d_in)
         self.adapter_down[adapter_name] = nn.Linear(d_in, m)
         self.adapter_up[adapter_name] = nn.Linear(m, d_out)
@@ -102,7 +107,10 @@ class BottleneckLayer(AdapterLayer):
         if residual_names:
             args, kwargs = self._with_adapted_residual(residual_names, args, kwargs)
         result = self.base_layer(*args, **kwargs)
-        output_names = [name for name in pending if self.placement[name] != BESIDE_RESIDUAL]
+        norm_names = [name for name in pending if self.placement[name] == AROUND_NORM]
+        if norm_names:
+            result = self._around_norm(norm_names, result, args, kwargs)
+        output_names = [name for name in pending if self.placement[name] in (AFTER, BESIDE)]
         if not output_names:
             return result
         reads_input = any(self.placement[name] == BESIDE for name in output_names)
@@ -126,6 +134,18 @@ class BottleneckLayer(AdapterLayer):
             "parallel bottleneck adapter cannot read its input"
         )
 
+    def _around_norm(
+        self, adapter_names: list[str], normed: torch.Tensor, args: tuple, kwargs: dict[str, Any]
+    ) -> Any:
+        """The norm ``f`` once more, of its input ``s`` plus every adapter's output on ``f(s)``."""
+        s = self._block_input(args, kwargs)
+        adapted = s
+        for name in adapter_names:
+            adapted = adapted + self.adapter_delta(name, normed)
+        if args:
+            return self.base_layer(adapted, *args[1:], **kwargs)
+        return self.base_layer(*args, **{**kwargs, "hidden_states": adapted})
+
     def _with_adapted_residual(
         self, adapter_names: list[str], args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]]:
@@ -145,6 +165,15 @@ class BottleneckLayer(AdapterLayer):
         if len(args) > 1:
             return (args[0], adapted, *args[2:]), kwargs
         return args, {**kwargs, "input_tensor": adapted}
+
+    def __getattr__(self, name: str) -> Any:
+        # a wrapped decoder layer keeps its attributes (transformers reads layer.attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or name.startswith("__"):  # never the block's copy or pickle protocol
+                raise
+            return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
         placements = {name: self.placement[name] for name in self.adapter_names}

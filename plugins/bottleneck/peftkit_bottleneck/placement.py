@@ -19,7 +19,15 @@ from peftkit.plugins import layer_features
 from torch import nn
 
 from peftkit_bottleneck.config import BottleneckConfig
-from peftkit_bottleneck.layer import AFTER, BESIDE, BESIDE_RESIDUAL, BottleneckLayer, bottleneck_size
+from peftkit_bottleneck.layer import (
+    AFTER,
+    AROUND_NORM,
+    BESIDE,
+    BESIDE_RESIDUAL,
+    READS_OUTPUT,
+    BottleneckLayer,
+    bottleneck_size,
+)
 
 
 @dataclass(frozen=True)
@@ -28,27 +36,51 @@ class Layout:
 
     ``parallel_residual``: for models whose feed-forward output module adds the residual itself (BERT's
     ``BertOutput``), the module a parallel adapter wraps instead, adapting its residual input.
+
+    ``attention_sum`` and ``feedforward_sum``: where the block's output has been added to the residual
+    stream, for adapters with ``original_ln_before=True``; ``sum_placement`` says how an adapter sits
+    there: ``around_norm`` on the layer norm that follows the residual add (post-norm models such as
+    BERT), ``after`` the sub-layer or layer that returns the sum (pre-norm models).
     """
 
     attention: str
     feedforward: str
     cross_attention: str | None = None
     parallel_residual: str | None = None
+    attention_sum: str | None = None
+    feedforward_sum: str | None = None
+    sum_placement: str = AFTER
 
 
 _BERT = Layout(
     attention=r"attention\.output\.dense",
     feedforward=r"layer\.\d+\.output\.dense",
     parallel_residual=r"layer\.\d+\.output",
+    attention_sum=r"attention\.output\.LayerNorm",
+    feedforward_sum=r"layer\.\d+\.output\.LayerNorm",
+    sum_placement=AROUND_NORM,
 )
-_DECODER = Layout(attention=r"layers\.\d+\.self_attn", feedforward=r"layers\.\d+\.mlp")
-_T5 = Layout(attention=r"SelfAttention", feedforward=r"DenseReluDense", cross_attention=r"EncDecAttention")
+# pre-norm decoders: the decoder layer returns the residual stream after its feed-forward block
+_DECODER = Layout(
+    attention=r"layers\.\d+\.self_attn", feedforward=r"layers\.\d+\.mlp", feedforward_sum=r"layers\.\d+"
+)
+_T5 = Layout(
+    attention=r"SelfAttention",
+    feedforward=r"DenseReluDense",
+    cross_attention=r"EncDecAttention",
+    # T5's sub-layers (self-attention, [cross-attention,] feed-forward) each add their own residual
+    attention_sum=r"block\.\d+\.layer\.0",
+    feedforward_sum=r"(?:encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)",
+)
 
 LAYOUTS: dict[str, Layout] = {
     "bert": _BERT,
     "roberta": _BERT,
     "gpt2": Layout(
-        attention=r"h\.\d+\.attn", feedforward=r"h\.\d+\.mlp", cross_attention=r"h\.\d+\.crossattention"
+        attention=r"h\.\d+\.attn",
+        feedforward=r"h\.\d+\.mlp",
+        cross_attention=r"h\.\d+\.crossattention",
+        feedforward_sum=r"h\.\d+",
     ),
     "llama": _DECODER,
     "mistral": _DECODER,
@@ -66,7 +98,9 @@ def add_adapters(model: nn.Module, config: BottleneckConfig, adapter_name: str) 
         features = (
             module.features if isinstance(module, BottleneckLayer) else block_features(model, path, module)
         )
-        _check_bottleneck(config, path, features.out_features if placement == AFTER else features.in_features)
+        _check_bottleneck(
+            config, path, features.out_features if placement in READS_OUTPUT else features.in_features
+        )
         planned.append((path, placement, module, features))
     for path, placement, module, features in planned:
         training = module.training
@@ -80,16 +114,22 @@ def add_adapters(model: nn.Module, config: BottleneckConfig, adapter_name: str) 
 
 def insertion_points(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, str]]:
     """``(module path, placement)`` for every block the config's style adapts in this model, in model order."""
+    return [(path, placement) for path, placement, _ in located_insertion_points(model, config)]
+
+
+def located_insertion_points(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, str, str]]:
+    """``(module path, placement, what)`` in model order; ``what`` is the config field that chose the block:
+    ``"attention_modules"``, ``"feedforward_modules"`` or ``"cross_adapter"``."""
     candidates = [path for path, _ in candidate_modules(model)]
-    points: dict[str, str] = {}
+    points: dict[str, tuple[str, str]] = {}
     for what, spec, placement in _groups(model, config):
         found = [path for path in candidates if is_target(path, config, spec)]
         if not found:
             raise TargetModulesError(_no_match_message(model, config, what, spec))
         for path in found:
-            points.setdefault(path, placement)  # a block named twice gets one adapter
+            points.setdefault(path, (placement, what))  # a block named twice gets one adapter
     _check_not_nested(model, list(points))
-    return [(path, points[path]) for path in candidates if path in points]
+    return [(path, *points[path]) for path in candidates if path in points]
 
 
 def _groups(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, Any, str]]:
@@ -104,11 +144,19 @@ def _groups(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, Any, 
         groups.append(("feedforward_modules", config.feedforward_modules, after_or_beside))
     elif config.is_parallel and layout.parallel_residual:
         groups.append(("feedforward_modules", _suffix(layout.parallel_residual), BESIDE_RESIDUAL))
+    elif config.reads_normalized_sum:
+        sum_block = _sum_block(model, config, layout, "feedforward")
+        groups.append(("feedforward_modules", _suffix(sum_block), layout.sum_placement))
     else:
         groups.append(("feedforward_modules", _suffix(layout.feedforward), after_or_beside))
     if config.adapts_attention:
-        spec = config.attention_modules if config.attention_modules is not None else _suffix(layout.attention)
-        groups.append(("attention_modules", spec, AFTER))
+        if config.attention_modules is not None:
+            spec, placement = config.attention_modules, AFTER
+        elif config.reads_normalized_sum:
+            spec, placement = _suffix(_sum_block(model, config, layout, "attention")), layout.sum_placement
+        else:
+            spec, placement = _suffix(layout.attention), AFTER
+        groups.append(("attention_modules", spec, placement))
     if config.cross_adapter:
         if layout is None or layout.cross_attention is None:
             raise TargetModulesError(
@@ -118,6 +166,19 @@ def _groups(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, Any, 
             )
         groups.append(("cross_adapter", _suffix(layout.cross_attention), after_or_beside))
     return groups
+
+
+def _sum_block(model: nn.Module, config: BottleneckConfig, layout: Layout, block: str) -> str:
+    """The layout's regex for where the ``block``'s output has joined the residual stream."""
+    pattern = getattr(layout, f"{block}_sum")
+    if pattern is None:
+        raise TargetModulesError(
+            f"BottleneckConfig.original_ln_before=True puts adapters where the {block} block's output has been "
+            f"added to the residual stream, and {type(model).__name__} (model_type {_model_type(model)!r}) has "
+            f"no module there; set original_ln_before=False (the adapter then reads the {block} block's "
+            f"output), or name the modules with BottleneckConfig.{block}_modules"
+        )
+    return pattern
 
 
 def _no_match_message(model: nn.Module, config: BottleneckConfig, what: str, spec: Any) -> str:
@@ -155,7 +216,8 @@ def _nesting_message(path: str) -> str:
         f"a bottleneck adapter for {path!r} would nest with another bottleneck block around or inside it; "
         "name blocks that do not contain one another (on BERT-style models parallel adapters wrap 'output' "
         "and sequential ones 'output.dense', so keep one model's bottleneck adapters all parallel or all "
-        "sequential)"
+        "sequential; on decoders, adapters with original_ln_before=True (the 'pfeiffer' default) wrap the "
+        "decoder layer, so keep them apart from adapters on its attention or MLP)"
     )
 
 

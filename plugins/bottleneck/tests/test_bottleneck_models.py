@@ -46,7 +46,9 @@ EXPECTED_POINTS = {
         "bert.encoder.layer.1.attention.output.dense",
         "bert.encoder.layer.1.output.dense",
     ],
-    (bert, "pfeiffer"): ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"],
+    # pfeiffer reads the normalised residual sum (AdapterHub's original_ln_before=True): around BERT's
+    # LayerNorm after the feed-forward block, after a whole decoder layer
+    (bert, "pfeiffer"): ["bert.encoder.layer.0.output.LayerNorm", "bert.encoder.layer.1.output.LayerNorm"],
     (bert, "parallel"): ["bert.encoder.layer.0.output", "bert.encoder.layer.1.output"],
     (llama, "houlsby"): [
         "model.layers.0.self_attn",
@@ -54,7 +56,7 @@ EXPECTED_POINTS = {
         "model.layers.1.self_attn",
         "model.layers.1.mlp",
     ],
-    (llama, "pfeiffer"): ["model.layers.0.mlp", "model.layers.1.mlp"],
+    (llama, "pfeiffer"): ["model.layers.0", "model.layers.1"],
     (llama, "parallel"): ["model.layers.0.mlp", "model.layers.1.mlp"],
     (tiny_gpt2, "houlsby"): [
         "transformer.h.0.attn",
@@ -62,7 +64,7 @@ EXPECTED_POINTS = {
         "transformer.h.1.attn",
         "transformer.h.1.mlp",
     ],
-    (tiny_gpt2, "pfeiffer"): ["transformer.h.0.mlp", "transformer.h.1.mlp"],
+    (tiny_gpt2, "pfeiffer"): ["transformer.h.0", "transformer.h.1"],
     (tiny_gpt2, "parallel"): ["transformer.h.0.mlp", "transformer.h.1.mlp"],
 }
 
@@ -79,10 +81,12 @@ def test_t5_adapts_self_attention_and_dense_relu_dense_and_cross_attention_when_
         return sorted({path.split(".", 1)[0] + ":" + path.rsplit(".", 1)[-1] for path in paths}), len(paths)
 
     # 2 encoder and 2 decoder blocks
-    assert blocks(BottleneckConfig(style="pfeiffer")) == (
+    assert blocks(BottleneckConfig(style="pfeiffer", original_ln_before=False)) == (
         ["decoder:DenseReluDense", "encoder:DenseReluDense"],
         4,
     )
+    # the feed-forward sub-layers, which add their own residual: layer.1 in the encoder, layer.2 in the decoder
+    assert blocks(BottleneckConfig(style="pfeiffer")) == (["decoder:2", "encoder:1"], 4)
     assert blocks(BottleneckConfig(style="houlsby")) == (
         [
             "decoder:DenseReluDense",
@@ -129,7 +133,8 @@ def _bottleneck(layer, h, act, scaling):
 
 
 def test_sequential_adapter_adds_its_output_after_the_llama_mlp():
-    model = get_peft_model(llama(), BottleneckConfig(style="pfeiffer", non_linearity="tanh", scaling=0.5))
+    config = BottleneckConfig(style="pfeiffer", non_linearity="tanh", scaling=0.5, original_ln_before=False)
+    model = get_peft_model(llama(), config)
     randomize_trainable(model)
     layer = model.get_submodule("base_model.model.model.layers.0.mlp")
     x = torch.randn(2, 5, 32)
@@ -349,7 +354,7 @@ def test_a_reduction_factor_larger_than_the_hidden_size_is_refused_before_wrappi
 def test_adapterhub_initialisations():
     def up_weight(init):
         model = get_peft_model(llama(hidden_size=64), BottleneckConfig(init_weights=init, reduction_factor=2))
-        return model.get_submodule("base_model.model.model.layers.0.mlp").adapter_up["default"]
+        return model.get_submodule("base_model.model.model.layers.0").adapter_up["default"]
 
     assert torch.count_nonzero(up_weight("mam_adapter").weight) == 0
     bert_up = up_weight("bert")
@@ -396,6 +401,20 @@ def test_roberta_mistral_and_qwen2_share_the_bert_and_llama_layouts(build, houls
     reference = logits(base)
     model = get_peft_model(base, BottleneckConfig(style="houlsby"))
     assert adapted_paths(model)[:2] == houlsby_points and len(adapted_paths(model)) == 4
+    assert torch.equal(logits(model), reference)
+    randomize_trainable(model)
+    assert not torch.allclose(logits(model), reference, atol=1e-4)
+
+
+def test_pfeiffer_wraps_qwen2s_decoder_layers_which_keep_their_attributes():
+    # transformers 4.57's Qwen2Model reads decoder_layer.attention_type (its forward runs in the transformers
+    # 4 stage): the wrapper passes attribute reads through to the layer
+    base = _tiny("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2)
+    reference = logits(base)
+    model = get_peft_model(base, BottleneckConfig(style="pfeiffer"))
+    layer = model.get_submodule("base_model.model.model.layers.0")
+    assert isinstance(layer, BottleneckLayer)
+    assert layer.hidden_size == 32 and not hasattr(layer, "no_such_attribute")
     assert torch.equal(logits(model), reference)
     randomize_trainable(model)
     assert not torch.allclose(logits(model), reference, atol=1e-4)

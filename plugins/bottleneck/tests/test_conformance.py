@@ -19,7 +19,9 @@ class TestBottleneckConformance(ConformanceSuite):
     def make_config(self, draw, case):
         # BERT's parallel adapters wrap 'output' and sequential ones 'output.dense', which must not nest:
         # the kit's second adapter is drawn independently, so BERT draws sequential styles here (its
-        # parallel style is tested in test_bottleneck_models.py).
+        # parallel style is tested in test_bottleneck_models.py). Likewise on decoders, where 'pfeiffer' with
+        # original_ln_before=True wraps the whole decoder layer: the kit draws original_ln_before=False there
+        # (the decoder-layer placement is tested in test_bottleneck_models.py).
         styles = ["houlsby", "pfeiffer"] + ([] if case.kind == "bert" else ["parallel"])
         style = draw(st.sampled_from(styles), label="style")
         names = {}
@@ -33,6 +35,7 @@ class TestBottleneckConformance(ConformanceSuite):
             non_linearity=draw(st.sampled_from(NON_LINEARITIES), label="non_linearity"),
             scaling=draw(st.sampled_from([0.5, 1.0, 4.0]), label="scaling"),
             dropout=draw(st.sampled_from([0.0, 0.1]), label="dropout"),
+            original_ln_before=None if case.kind in ("bert", "plain") else False,
             task_type=case.task_type,
             **names,
         )

@@ -1,0 +1,230 @@
+"""AdapterHub's adapter folders, read and written: what ``adapters``' ``save_adapter`` writes and
+``load_adapter`` reads, for one bottleneck adapter.
+
+A folder holds ``adapter_config.json`` (``{"config": {...BnConfig...}, "name", "model_type", "hidden_size",
+"model_class", "model_name", "version"}``) and the tensors in ``pytorch_adapter.bin`` (a pickle, read here
+only with ``torch.load(..., weights_only=True)``) or ``adapter.safetensors``; ``head_config.json`` and
+``pytorch_model_head.bin`` hold a prediction head, which is not read. Each layer's adapter is keyed
+``<layer>.<location>.adapters.<name>.adapter_down.0.weight`` (``.bias``, and ``adapter_up.weight`` /
+``.bias``), where ``<layer>`` is the transformer layer's path (``bert.encoder.layer.3``) and ``<location>``
+is where AdapterHub keeps the adapters after the attention or the feed-forward block (:data:`LOCATIONS`).
+Tensors are matched to peftkit's blocks by layer index and location, so the model class that saved them
+(``BertModel`` or ``BertForSequenceClassification``) does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from peftkit.errors import AdapterLoadError, ConfigError
+from peftkit.foreign_format import ForeignAdapter
+from peftkit.injection import logical_path
+from torch import nn
+
+from peftkit_bottleneck import adapterhub_config
+from peftkit_bottleneck.config import BottleneckConfig
+from peftkit_bottleneck.placement import located_insertion_points
+
+FORMAT = "adapterhub"
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "pytorch_adapter.bin"
+SAFE_WEIGHTS_NAME = "adapter.safetensors"
+HEAD_FILES = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors")
+FUSION_CONFIG_NAME = "adapter_fusion_config.json"
+
+_BERT = {"attention_modules": "attention.output", "feedforward_modules": "output"}
+_DECODER = {"attention_modules": "attention_adapters", "feedforward_modules": "output_adapters"}
+# where AdapterHub keeps a layer's adapters, by model_type, for each kind of block peftkit adapts
+LOCATIONS: dict[str, dict[str, str]] = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "gpt2": _DECODER,
+    "llama": _DECODER,
+    "mistral": _DECODER,
+}
+# AdapterHub's parallel adapter reads the feed-forward block's residual input. On BERT that is what
+# peftkit-bottleneck's parallel style reads; on pre-norm decoders AdapterHub reads the residual stream before
+# the feed-forward norm, peftkit-bottleneck the MLP's input after it, so those are refused, not converted.
+PARALLEL_MODEL_TYPES = ("bert", "roberta")
+# peftkit's tensor names and AdapterHub's (its down projection is the first module of a Sequential)
+TENSOR_NAMES = {
+    "adapter_down.weight": "adapter_down.0.weight",
+    "adapter_down.bias": "adapter_down.0.bias",
+    "adapter_up.weight": "adapter_up.weight",
+    "adapter_up.bias": "adapter_up.bias",
+}
+_SOURCE_KEY = re.compile(
+    r"^(?P<layer>.*?\.(?P<index>\d+))\.(?P<location>.+)\.adapters\.(?P<name>[^.]+)\.(?P<tensor>.+)$"
+)
+_LAYER = re.compile(r"^(?P<layer>.*?\.(?P<index>\d+))(?:\.|$)")
+
+
+# --- recognising and reading ----------------------------------------------------------------------------
+def source_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``adapter_config.json`` if it is AdapterHub's (a ``"config"`` object beside the adapter's
+    ``"name"``); None otherwise."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "name" in data:
+        return data
+    return None
+
+
+def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
+    """An AdapterHub bottleneck adapter folder; None for a folder that is none (another method's too)."""
+    if (folder / FUSION_CONFIG_NAME).is_file():
+        raise AdapterLoadError(
+            f"{str(folder)!r} holds an AdapterHub AdapterFusion layer ({FUSION_CONFIG_NAME}); peftkit does not "
+            "read AdapterFusion yet. Load each fused adapter's own folder instead"
+        )
+    data = source_config(folder)
+    if data is None or not adapterhub_config.is_bottleneck(data["config"]):
+        return None
+    file, tensors = read_tensors(folder)
+    adapter = ForeignAdapter(
+        format=FORMAT,
+        method="bottleneck",
+        file=file,
+        source_config=data,
+        source_tensors=tensors,
+        notes=[
+            f"{name}: a prediction head, which peftkit does not load"
+            for name in HEAD_FILES
+            if (folder / name).is_file()
+        ],
+    )
+    if model is not None:
+        adapter.config = adapterhub_config.from_adapterhub(data["config"], repr(str(folder / CONFIG_NAME)))
+        adapter.tensors = peft_tensors(model, adapter.config, tensors, repr(str(file)))
+    return adapter
+
+
+def read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """``adapter.safetensors``, else ``pytorch_adapter.bin`` read without executing code (weights_only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    safe = folder / SAFE_WEIGHTS_NAME
+    if safe.is_file():
+        try:
+            return safe, load_file(str(safe))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterLoadError(f"{str(safe)!r} is not a readable safetensors file ({exc})") from exc
+    legacy = folder / WEIGHTS_NAME
+    if not legacy.is_file():
+        raise AdapterLoadError(
+            f"{str(folder)!r} has AdapterHub's {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {SAFE_WEIGHTS_NAME}"
+        )
+    try:
+        return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterLoadError(
+            f"{str(legacy)!r} is not a weights-only torch file, so peftkit does not read it (a pickle that holds "
+            f"more than tensors could run code when loaded): {exc}"
+        ) from exc
+
+
+def peft_tensors(
+    model: nn.Module, config: BottleneckConfig, source: dict[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
+    """AdapterHub's tensors under the PEFT keys of the blocks ``config`` adapts in ``model``."""
+    by_place: dict[tuple[int, str, str], tuple[str, torch.Tensor]] = {}
+    for key, tensor in source.items():
+        match = _SOURCE_KEY.match(key)
+        if match is None or match["tensor"] not in TENSOR_NAMES.values():
+            raise AdapterLoadError(
+                f"{where} holds tensor {key!r}, which is not one of a bottleneck adapter's "
+                f"({', '.join(TENSOR_NAMES.values())}) at a layer's adapter location"
+            )
+        by_place[int(match["index"]), match["location"], match["tensor"]] = (key, tensor)
+    out = {}
+    for layer_index, location, peft_path in _blocks(model, config):
+        for ours, theirs in TENSOR_NAMES.items():
+            found = by_place.pop((layer_index, location, theirs), None)
+            if found is None:
+                raise AdapterLoadError(
+                    f"{where} has no {theirs!r} for layer {layer_index}'s {location!r} adapter, which the "
+                    f"adapter's config implies for this {type(model).__name__}"
+                )
+            out[f"base_model.model.{peft_path}.{ours}"] = found[1]
+    if by_place:
+        key = sorted(key for key, _ in by_place.values())[0]
+        raise AdapterLoadError(
+            f"{where} holds tensor {key!r} ({len(by_place)} unplaced in all), which no block of this "
+            f"{type(model).__name__} takes: the adapter does not fit this base model"
+        )
+    return out
+
+
+def _blocks(model: nn.Module, config: BottleneckConfig) -> list[tuple[int, str, str]]:
+    """``(layer index, AdapterHub location, peftkit module path)`` for every block ``config`` adapts."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LOCATIONS:
+        raise AdapterLoadError(
+            f"peftkit-bottleneck knows AdapterHub's adapter locations for model types {', '.join(sorted(LOCATIONS))} "
+            f"only; {type(model).__name__} is model_type {model_type!r}"
+        )
+    if config.is_parallel and model_type not in PARALLEL_MODEL_TYPES:
+        raise AdapterLoadError(
+            f"AdapterHub's parallel adapters on model_type {model_type!r} read the residual stream before the "
+            "feed-forward block's layer norm, and peftkit-bottleneck's style='parallel' reads the block's input "
+            f"after it; peftkit-bottleneck converts parallel adapters for {', '.join(PARALLEL_MODEL_TYPES)} only"
+        )
+    blocks = []
+    for path, _, what in located_insertion_points(model, config):
+        path = logical_path(path)
+        layer = _LAYER.match(path)
+        if layer is None or what not in LOCATIONS[model_type]:
+            raise AdapterLoadError(f"peftkit-bottleneck cannot tell which AdapterHub location {path!r} is")
+        blocks.append((int(layer["index"]), LOCATIONS[model_type][what], path))
+    return blocks
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+def save(peft_model: Any, config: BottleneckConfig, adapter_name: str, folder: Path) -> None:
+    """Write the adapter as AdapterHub's ``save_adapter`` does: config, ``pytorch_adapter.bin`` (what
+    ``load_adapter`` reads by default) and ``adapter.safetensors`` (what it reads with use_safetensors=True)."""
+    from peftkit.serialization import adapter_state_dict
+    from safetensors.torch import save_file
+
+    from peftkit_bottleneck import __version__
+
+    model = peft_model.base_model.model
+    source_config = adapterhub_config.to_adapterhub(config, adapter_name)
+    try:
+        blocks = _blocks(model, config)
+    except AdapterLoadError as exc:
+        raise ConfigError(
+            f"adapter {adapter_name!r} cannot be written in AdapterHub's format: {exc}"
+        ) from exc
+    state = adapter_state_dict(peft_model, adapter_name)
+    tensors = {}
+    for _, location, path in blocks:
+        layer = _LAYER.match(path)["layer"]
+        for ours, theirs in TENSOR_NAMES.items():
+            tensor = state[f"base_model.model.{path}.{ours}"]
+            tensors[f"{layer}.{location}.adapters.{adapter_name}.{theirs}"] = (
+                tensor.detach().cpu().contiguous().clone()
+            )
+    model_config = model.config
+    data = {
+        "config": source_config,
+        "hidden_size": model_config.hidden_size,
+        "model_class": type(model).__name__,
+        "model_name": getattr(model_config, "_name_or_path", "") or "",
+        "model_type": model_config.model_type,
+        "name": adapter_name,
+        "version": f"peftkit-bottleneck.{__version__}",
+    }
+    (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    torch.save(tensors, folder / WEIGHTS_NAME)
+    save_file(tensors, str(folder / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
