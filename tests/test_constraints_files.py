@@ -41,4 +41,6 @@ def test_the_transformers4_constraints_pin_transformers_4_57_and_otherwise_agree
         if name not in FOLLOW_TRANSFORMERS | ONLY_TRANSFORMERS4 and main.get(name) != version
     }
     assert not disagree, f"pinned unlike constraints.txt (there, here): {disagree}"
-    assert not ONLY_TRANSFORMERS4 & set(main), "a package of the transformers 4 stage only is pinned in constraints.txt"
+    assert not ONLY_TRANSFORMERS4 & set(main), (
+        "a package of the transformers 4 stage only is pinned in constraints.txt"
+    )

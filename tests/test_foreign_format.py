@@ -117,4 +117,7 @@ def test_a_format_no_plugin_writes_is_a_clear_error_and_writes_nothing(tmp_path)
         "adapter 'default' is a lora adapter, and no installed plugin writes lora adapters in format 'toy'; "
         "format='peft' (the default) writes every method"
     )
+    with pytest.raises(ConfigError) as info:
+        model.save_pretrained(tmp_path / "out", format=None)
+    assert str(info.value) == "save_pretrained's format must be a format's name, such as 'peft', got None"
     assert not (tmp_path / "out").exists()

@@ -581,7 +581,9 @@ class PeftModel(nn.Module):
 
     def _save_foreign(self, save_directory: str | Path, names: list[str], format: str) -> None:
         if not isinstance(format, str):
-            raise ConfigError(f"save_pretrained's format must be a format's name, such as 'peft', got {format!r}")
+            raise ConfigError(
+                f"save_pretrained's format must be a format's name, such as 'peft', got {format!r}"
+            )
         with serialization.atomic_folder(save_directory) as staging:
             for name in names:
                 folder = staging if name == "default" else staging / name
