@@ -10,7 +10,7 @@ from peftkit_prefix_tuning.config import PrefixTuningConfig
 if TYPE_CHECKING:
     from peftkit_prefix_tuning.prefix import PrefixEncoder
 
-__version__ = "0.1.2"
+__version__ = "0.1.3"
 __all__ = ["PrefixEncoder", "PrefixTuningConfig", "__version__"]
 
 # Imported on first use: the encoder imports torch, and loading the plugin (peftkit methods) does not.

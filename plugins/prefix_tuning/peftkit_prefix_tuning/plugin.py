@@ -143,6 +143,13 @@ def _ones_before(mask: torch.Tensor, count: int) -> torch.Tensor:
     return torch.cat((mask.new_ones(mask.shape[0], count), mask), dim=1)
 
 
+def _all_ones_mask(inputs: dict[str, Any]) -> torch.Tensor:
+    import torch  # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+
+    tokens = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+    return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
+
+
 def _drop(inputs: dict[str, Any], name: str, task: TaskType, warn: bool = True) -> None:
     if inputs.get(name) is not None:
         if warn:
@@ -189,6 +196,10 @@ def peftkit_transform_inputs(peft_model, config: PrefixTuningConfig, adapter_nam
         raise ConfigError(GRADIENT_CHECKPOINTING)
     batch_size = _batch_size(inputs)
     mask_key = _mask_key(config)
+    if inputs.get(mask_key) is None and mask_key == "attention_mask":
+        # An explicit all-ones mask, prefix included: without one a compiled model builds its mask from
+        # the input's length alone (transformers 5.17 under torch.compile), shorter than the keys.
+        inputs[mask_key] = _all_ones_mask(inputs)
     if inputs.get(mask_key) is not None:
         inputs[mask_key] = _ones_before(inputs[mask_key], config.num_virtual_tokens)
     _shift_or_drop_token_inputs(inputs, config, warn=True)

@@ -81,6 +81,18 @@ def test_outputs_keep_the_input_length_and_the_cache_holds_the_prefix():
     torch.testing.assert_close(keys[0, :, :4], layer_one_keys, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("build", "task"), [(tiny_llama, "CAUSAL_LM"), (tiny_bert, "SEQ_CLS")])
+def test_without_an_attention_mask_the_model_gets_one_covering_prefix_and_tokens(build, task):
+    # a compiled model (transformers 5.17) sizes its mask by the mask it is given, else by the tokens alone
+    model = peftkit.get_peft_model(build(), prefix(task=task, n=4))
+    inputs = plugins.transform_inputs(model, model.peft_config["default"], "default", dict(input_ids=IDS))
+    assert torch.equal(inputs["attention_mask"], torch.ones(2, 4 + 5, dtype=torch.long))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=IDS).logits, model(input_ids=IDS, attention_mask=torch.ones_like(IDS)).logits
+        )
+
+
 @pytest.mark.parametrize("projection", [False, True], ids=["direct", "projected"])
 def test_zero_init_starts_the_prefix_at_zero_as_peft_does(projection):
     model = peftkit.get_peft_model(tiny_gpt2(), prefix(init_weights="zero", prefix_projection=projection))
