@@ -365,7 +365,11 @@ class LoraLayer(AdapterLayer):
                 h = adapter.dropout(x.to(a.dtype))
                 lora = self._low_rank(h, a, b) * adapter.scaling
             if adapter.dora:
-                result = result + self._dora_output(adapter, a, b, h, base_result, lora).to(out_dtype)
+                # summed before rounding to the output's dtype: DoRA's term nearly cancels the base output
+                # where the magnitude is far below the weight's norm, and rounding it first would keep
+                # only the rounding error of that cancellation
+                dora_term = self._dora_output(adapter, a, b, h, base_result, lora)
+                result = (result.to(dora_term.dtype) + dora_term).to(out_dtype)
             else:
                 result = result + lora.to(out_dtype)
         return result
@@ -561,13 +565,15 @@ class LoraLayer(AdapterLayer):
         norm = dora.row_norms(self._rows(weight), a.flatten(1), b.flatten(1), adapter.scaling)
         scale = self._feature_view(self.lora_magnitude_vector[adapter.name].flatten() / norm, lora)
         if dropped is None or not self.training or isinstance(adapter.dropout, nn.Identity):
-            plain = base_result
+            # in at least float32: (scale - 1) · plain nearly cancels the base output where the magnitude is
+            # far below the norm, so the rounding of a half-precision plain would not cancel with it
+            plain = base_result.to(torch.promote_types(lora.dtype, torch.float32))
             bias = getattr(base, "bias", None)
             if isinstance(bias, torch.Tensor):
-                plain = plain - self._feature_view(bias, plain)
+                plain = plain - self._feature_view(bias.to(plain.dtype), plain)
         else:
             plain = self._apply_weight(dropped, weight.to(dropped.dtype))
-        return (scale - 1) * plain.to(lora.dtype) + scale * lora
+        return (scale - 1) * plain.to(torch.promote_types(lora.dtype, torch.float32)) + scale * lora
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's weight (no bias) applied to ``x``."""
