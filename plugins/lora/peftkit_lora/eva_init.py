@@ -29,6 +29,9 @@ from peftkit_lora.eva import IncrementalPCA, eva_rows, redistribute_ranks
 from peftkit_lora.layer import LoraLayer, pattern_value
 
 PREFIX = "base_model.model."  # PEFT's names of a PeftModel's layers, as its EVA state dicts key them
+# passes over the data before unconverged layers are taken as they stand (PEFT reads on without end: a tau
+# of 1.0 may never be met in floating point)
+MAX_PASSES = 100
 RHO_CEILING = 1000  # above it, rho is capped at what the model's largest dimension allows, as in PEFT
 
 
@@ -343,9 +346,14 @@ class _DataPass:
                 group.pca.update(rows, tau)
 
         bar = _progress_bar(len(self.modules)) if self.progress else None
+        passes = 0
         try:
             with self._hooks(read):
                 while not self._converged(bar):
+                    if passes == MAX_PASSES:
+                        self._warn_unconverged(tau)
+                        break
+                    passes += 1
                     before = [group.pca.n for group in self.groups]
                     for batch in dataloader:
                         if self._converged(bar):
@@ -365,6 +373,16 @@ class _DataPass:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _warn_unconverged(self, tau: float) -> None:
+        names = [name for group in self.groups if group.reading for name in group.names]
+        warnings.warn(
+            f"EVA: after {MAX_PASSES} passes over the data, the inputs of {names} still had not converged to "
+            f"cosine similarity tau={tau} between batches; their directions are taken as they stand (a lower "
+            "tau, e.g. PEFT's 0.99, or more varied batches converge)",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _redistribute(self) -> None:
         ratios = {

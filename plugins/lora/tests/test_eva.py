@@ -364,3 +364,14 @@ def test_the_core_entry_says_when_a_method_has_no_data_driven_init(base):
     model = get_peft_model(copy.deepcopy(base), IA3Config(target_modules=["k_proj"], feedforward_modules=[]))
     with pytest.raises(ValueError, match=r"adapter 'default' \(ia3\) has no data-driven initialisation"):
         initialize_from_data(model, make_batches())
+
+
+def test_layers_that_never_converge_are_taken_as_they_stand_with_a_warning(base, monkeypatch):
+    from peftkit_lora import eva_init
+
+    monkeypatch.setattr(eva_init, "MAX_PASSES", 2)
+    model = eva_model(base, tau=1.0)  # cosine similarity 1 between batches is not met in floating point
+    with pytest.warns(UserWarning, match=r"after 2 passes over the data, the inputs of \[.*\] still had not"):
+        initialize_lora_eva_weights(model, make_batches(), show_progress_bar=False)
+    path = "model.layers.0.self_attn.q_proj"
+    assert lora_a(model, path).abs().sum() > 0  # initialised from the data read
