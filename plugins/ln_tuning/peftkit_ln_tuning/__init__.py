@@ -10,7 +10,7 @@ from peftkit_ln_tuning.config import LNTuningConfig
 if TYPE_CHECKING:
     from peftkit_ln_tuning.layer import LNTuningLayer
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 __all__ = ["LNTuningConfig", "LNTuningLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

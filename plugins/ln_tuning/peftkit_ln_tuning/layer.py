@@ -25,8 +25,9 @@ from peftkit_ln_tuning.config import LNTuningConfig
 
 
 def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's parameters and buffers by name, as its state dict names them."""
-    return dict(module.state_dict(keep_vars=True))
+    """The module's parameters and buffers by name, as its state dict names them (read directly: torch
+    2.11's dynamo cannot trace ``state_dict`` inside a compiled forward)."""
+    return dict(module.named_parameters()) | dict(module.named_buffers())
 
 
 class LNTuningLayer(AdapterLayer):
