@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peftkit import ConfigError, MethodSpec, hookimpl, method_impl
+from peftkit.bias_option import bias_hooks
 from peftkit.method import method_of
 
 from peftkit_adalora.config import AdaLoraConfig
@@ -121,34 +122,7 @@ def peftkit_transform_outputs(peft_model, config: AdaLoraConfig, adapter_name: s
     return outputs
 
 
-# --- biases (PEFT's ``bias`` field, as for LoRA) ------------------------------------------------------------
-
-
-@method_impl("adalora")
-def peftkit_trainable_parameters(peft_model, config: AdaLoraConfig, adapter_name: str):
-    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
-    from peftkit import biases
-
-    from peftkit_adalora.layer import AdaLoraLayer
-
-    return list(biases.trained_biases(peft_model, config, adapter_name, AdaLoraLayer).items())
-
-
-@method_impl("adalora")
-def peftkit_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str):
-    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
-    from peftkit import biases
-
-    from peftkit_adalora.layer import AdaLoraLayer
-
-    return biases.bias_state_dict(peft_model, config, adapter_name, AdaLoraLayer)
-
-
-@method_impl("adalora")
-def peftkit_load_adapter_state_dict(peft_model, config: AdaLoraConfig, adapter_name: str, state_dict):
-    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
-    from peftkit import biases
-
-    from peftkit_adalora.layer import AdaLoraLayer
-
-    return biases.load_biases(peft_model, config, adapter_name, AdaLoraLayer, state_dict)
+# --- biases (PEFT's ``bias`` field, as for LoRA): which base-model biases train, save and load with it ----
+peftkit_trainable_parameters, peftkit_adapter_state_dict, peftkit_load_adapter_state_dict = bias_hooks(
+    "adalora", "peftkit_adalora.layer:AdaLoraLayer"
+)

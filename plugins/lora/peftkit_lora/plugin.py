@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from peftkit import MethodSpec, hookimpl, method_impl
+from peftkit.bias_option import bias_hooks
 
 from peftkit_lora.config import LoraConfig
 
@@ -89,36 +90,6 @@ def peftkit_inject_adapter(peft_model, config: LoraConfig, adapter_name: str) ->
 
 
 @method_impl("lora")
-def peftkit_trainable_parameters(peft_model, config: LoraConfig, adapter_name: str):
-    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
-    from peftkit import biases
-
-    from peftkit_lora.layer import LoraLayer
-
-    return list(biases.trained_biases(peft_model, config, adapter_name, LoraLayer).items())
-
-
-@method_impl("lora")
-def peftkit_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str):
-    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
-    from peftkit import biases
-
-    from peftkit_lora.layer import LoraLayer
-
-    return biases.bias_state_dict(peft_model, config, adapter_name, LoraLayer)
-
-
-@method_impl("lora")
-def peftkit_load_adapter_state_dict(peft_model, config: LoraConfig, adapter_name: str, state_dict):
-    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
-    from peftkit import biases
-
-    from peftkit_lora.layer import LoraLayer
-
-    return biases.load_biases(peft_model, config, adapter_name, LoraLayer, state_dict)
-
-
-@method_impl("lora")
 def peftkit_prepare_compiled_hotswap(peft_model, config: LoraConfig, adapter_name: str, target_rank):
     # here, not at the top: loading the plugin (peftkit methods) stays torch-free
     from peftkit.injection import logical_path
@@ -152,3 +123,9 @@ def peftkit_initialize_from_data(
     from peftkit_lora.eva_init import eva_from_data
 
     return eva_from_data(peft_model, config, adapter_name, batches, forward, show_progress, options)
+
+
+# PEFT's ``bias`` option: which base-model biases train, save and load with the adapter
+peftkit_trainable_parameters, peftkit_adapter_state_dict, peftkit_load_adapter_state_dict = bias_hooks(
+    "lora", "peftkit_lora.layer:LoraLayer"
+)

@@ -10,7 +10,7 @@ from peftkit_oft.config import OFTConfig
 if TYPE_CHECKING:
     from peftkit_oft.layer import OFTLayer
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 __all__ = ["OFTConfig", "OFTLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from peftkit import MethodSpec, hookimpl, method_impl
+from peftkit.bias_option import bias_hooks
 
 from peftkit_oft.config import OFTConfig
 
@@ -46,33 +45,7 @@ def peftkit_inject_adapter(peft_model, config: OFTConfig, adapter_name: str) -> 
     return True
 
 
-def _bias_rule(config: OFTConfig) -> SimpleNamespace:
-    """The core's bias helper speaks LoRA's names; "oft_only" means its "lora_only" (the wrapped layers' biases)."""
-    return SimpleNamespace(bias="lora_only" if config.bias == "oft_only" else config.bias)
-
-
-@method_impl("oft")
-def peftkit_trainable_parameters(peft_model, config: OFTConfig, adapter_name: str):
-    from peftkit import biases
-
-    from peftkit_oft.layer import OFTLayer
-
-    return list(biases.trained_biases(peft_model, _bias_rule(config), adapter_name, OFTLayer).items())
-
-
-@method_impl("oft")
-def peftkit_adapter_state_dict(peft_model, config: OFTConfig, adapter_name: str):
-    from peftkit import biases
-
-    from peftkit_oft.layer import OFTLayer
-
-    return biases.bias_state_dict(peft_model, _bias_rule(config), adapter_name, OFTLayer)
-
-
-@method_impl("oft")
-def peftkit_load_adapter_state_dict(peft_model, config: OFTConfig, adapter_name: str, state_dict):
-    from peftkit import biases
-
-    from peftkit_oft.layer import OFTLayer
-
-    return biases.load_biases(peft_model, _bias_rule(config), adapter_name, OFTLayer, state_dict)
+# PEFT's ``bias`` option: which base-model biases train, save and load with the adapter
+peftkit_trainable_parameters, peftkit_adapter_state_dict, peftkit_load_adapter_state_dict = bias_hooks(
+    "oft", "peftkit_oft.layer:OFTLayer", only="oft_only"
+)
