@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from peftkit_lora.config import EvaConfig, LoftQConfig, LoraConfig
+from peftkit_lora.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 
 if TYPE_CHECKING:
     from peftkit_lora.layer import LoraLayer
 
 __version__ = "0.6.0"
 __all__ = [
+    "CordaConfig",
     "EvaConfig",
     "LoftQConfig",
     "LoraConfig",

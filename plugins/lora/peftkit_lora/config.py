@@ -18,7 +18,7 @@ from peftkit.config import (
     fail,
 )
 
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq", "eva")  # and "pissa_niter_<N>"
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq", "eva", "corda")  # and "pissa_niter_<N>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA by a fast SVD of N subspace iterations
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -68,6 +68,36 @@ class EvaConfig:
 
 
 @dataclass
+class CordaConfig:
+    """CorDA's settings (``init_lora_weights="corda"``, then :func:`peftkit.initialize_from_data`).
+
+    ``corda_method``: ``"ipm"`` starts the adapter from the top components of ``W·C`` (C: the covariance
+    of the layer's inputs on the data), ``"kpm"`` from the bottom ones. ``cache_file`` keeps the chosen
+    components and ``covariance_file`` the covariances (read instead of the data when they exist).
+    ``use_float16_for_covariance``: the covariance is summed in the inputs' own dtype, not float32.
+    ``verbose``: a progress bar over the layers' decompositions. ``prune_temporary_fields``: PEFT's; peftkit
+    keeps nothing temporary on the layers, so it changes nothing.
+    """
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice(self, "corda_method", ("ipm", "kpm"))
+        for name in ("cache_file", "covariance_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise fail(self, name, value, "None or a file path (a non-empty string)")
+        for name in ("verbose", "use_float16_for_covariance", "prune_temporary_fields"):
+            if not isinstance(getattr(self, name), bool):
+                raise fail(self, name, getattr(self, name), "True or False")
+
+
+@dataclass
 class LoraConfig(PeftConfig):
     """LoRA: adds ``scaling · B A`` to each targeted layer, ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
 
@@ -79,7 +109,6 @@ class LoraConfig(PeftConfig):
     method: ClassVar[str] = "lora"
     peft_only_fields: ClassVar[dict[str, Any]] = {
         "use_qalora": False,
-        "corda_config": None,
         "lora_ga_config": None,
         "velora_config": None,
         "alora_invocation_tokens": None,
@@ -119,6 +148,8 @@ class LoraConfig(PeftConfig):
     loftq_config: LoftQConfig | dict = field(default_factory=dict)
     # EVA's settings (init_lora_weights="eva"); saved as a dict, as PEFT saves them
     eva_config: EvaConfig | dict | None = None
+    # CorDA's settings (init_lora_weights="corda"); saved as a dict, as PEFT saves them
+    corda_config: CordaConfig | dict | None = None
     # rows of embeddings that train beside the adapter (peftkit_lora.tokens): a list for the input
     # embedding, or {embedding name: rows}
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
@@ -147,6 +178,7 @@ class LoraConfig(PeftConfig):
         self._check_target_parameters()
         self._check_loftq()
         self._check_eva()
+        self._check_corda()
         self._check_trainable_token_indices()
 
     def _check_init(self) -> None:
@@ -159,7 +191,7 @@ class LoraConfig(PeftConfig):
                 self,
                 "init_lora_weights",
                 init,
-                "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations), 'olora', 'loftq' or 'eva'",
+                "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' (N >= 1 iterations), 'olora', 'loftq', 'eva' or 'corda'",
             )
 
     def _check_patterns(self) -> None:
@@ -239,9 +271,13 @@ class LoraConfig(PeftConfig):
     def save_pretrained(self, directory) -> None:
         """A LoftQ adapter is saved as PEFT's LoftQ recipe saves it, with ``init_lora_weights=True``: its A
         and B are fitted to the Q that the saved base holds, and loading them onto that base (quantized,
-        as it is meant to be) must not fit them again."""
+        as it is meant to be) must not fit them again. A CorDA adapter likewise (as PEFT's CorDA
+        preprocessing script saves it): it belongs to the residual base, which no config can rebuild
+        without the data."""
         if self.init_lora_weights == "loftq":
             self.replace(init_lora_weights=True, loftq_config={}).save_pretrained(directory)
+        elif self.init_lora_weights == "corda":  # A and B belong to the residual base saved beside them
+            self.replace(init_lora_weights=True, corda_config=None).save_pretrained(directory)
         else:
             super().save_pretrained(directory)
 
@@ -307,9 +343,46 @@ class LoraConfig(PeftConfig):
             )
         self.eva_config = value
 
+    def _check_corda(self) -> None:
+        """PEFT's rules, as for EVA: "corda" without a corda_config takes CordaConfig's defaults, a
+        corda_config without "corda" is ignored (both with a warning); a dict becomes a CordaConfig."""
+        value = self.corda_config
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(CordaConfig)})
+            if unknown:
+                raise fail(
+                    self, "corda_config", value, f"a CordaConfig or a dict of its fields (unknown: {unknown})"
+                )
+            value = CordaConfig(**value)
+        elif value is not None and not isinstance(value, CordaConfig):
+            raise fail(self, "corda_config", value, "a CordaConfig, a dict of its fields, or None")
+        if self.init_lora_weights == "corda":
+            if value is None:
+                warnings.warn(
+                    "LoraConfig: init_lora_weights='corda' without a corda_config; using CordaConfig()'s defaults",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                value = CordaConfig()
+            if self.target_parameters:
+                raise fail(
+                    self,
+                    "init_lora_weights",
+                    "corda",
+                    "anything but 'corda' with target_parameters (CorDA reads a layer's inputs; LoRA on a parameter sees none)",
+                )
+        elif value is not None:
+            warnings.warn(
+                "LoraConfig.corda_config is ignored unless init_lora_weights='corda'",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.corda_config = value
+
     def to_dict(self) -> dict[str, Any]:
-        """As PEFT writes it: eva_config as a plain dict."""
+        """As PEFT writes it: eva_config and corda_config as plain dicts."""
         out = super().to_dict()
-        if isinstance(self.eva_config, EvaConfig):
-            out["eva_config"] = dataclasses.asdict(self.eva_config)
+        for name in ("eva_config", "corda_config"):
+            if isinstance(getattr(self, name), (EvaConfig, CordaConfig)):
+                out[name] = dataclasses.asdict(getattr(self, name))
         return out

@@ -217,7 +217,8 @@ def _check_eva_adapter(peft_model, adapter_name: str) -> None:
         raise ValueError(
             f"EVA initialises only LoRA adapters made with init_lora_weights='eva'; adapter {adapter_name!r} "
             f"is {type(config).__name__}(init_lora_weights={init!r}): make it with "
-            "LoraConfig(init_lora_weights='eva', eva_config=EvaConfig(...))"
+            "LoraConfig(init_lora_weights='eva', eva_config=EvaConfig(...)), or for CorDA "
+            "LoraConfig(init_lora_weights='corda', corda_config=CordaConfig(...))"
         )
     _check_eva_config(config)
 

@@ -322,6 +322,11 @@ class LoraLayer(AdapterLayer):
         return vector
 
     def _init(self, adapter_name: str, init: bool | str) -> None:
+        if init == "corda" and self.features.kind != LINEAR:
+            raise ValueError(
+                f"init_lora_weights='corda' needs a linear layer, not a {self.features.kind} one: CorDA "
+                "decomposes W·C, C the covariance of the layer's inputs; leave it out of target_modules"
+            )
         if init is False:  # leave the random init: a non-identity adapter, as PEFT does for tests
             if adapter_name in self.lora_embedding_A:
                 nn.init.normal_(self.lora_embedding_A[adapter_name])
@@ -331,7 +336,8 @@ class LoraLayer(AdapterLayer):
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
             return
-        if init is True or init == "eva":  # EVA's A is kaiming's until initialize_lora_eva_weights sets it
+        # EVA's and CorDA's A is kaiming's (B zero) until their data pass sets them
+        if init is True or init in ("eva", "corda"):
             nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
         else:  # "gaussian"
             nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / self.r[adapter_name])

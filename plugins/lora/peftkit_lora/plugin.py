@@ -31,6 +31,7 @@ DEFAULT_TARGETS = {
 EXPORTS = (
     "peftkit_lora.config:LoftQConfig",
     "peftkit_lora.config:EvaConfig",
+    "peftkit_lora.config:CordaConfig",
     "peftkit_lora.eva_init:initialize_lora_eva_weights",
     "peftkit_lora.eva_init:get_eva_state_dict",
 )
@@ -120,6 +121,10 @@ def peftkit_initialize_from_data(
     peft_model, config: LoraConfig, adapter_name: str, batches, forward, show_progress, options
 ):
     # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    if config.init_lora_weights == "corda":
+        from peftkit_lora.corda_init import corda_from_data
+
+        return corda_from_data(peft_model, config, adapter_name, batches, forward, show_progress, options)
     from peftkit_lora.eva_init import eva_from_data
 
     return eva_from_data(peft_model, config, adapter_name, batches, forward, show_progress, options)

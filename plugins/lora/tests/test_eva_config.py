@@ -62,7 +62,7 @@ def test_eva_on_parameters_is_refused_at_construction():
 
 
 def test_the_init_error_lists_eva():
-    with pytest.raises(ConfigError, match=r"'olora', 'loftq' or 'eva', got 'evaa'"):
+    with pytest.raises(ConfigError, match=r"'olora', 'loftq', 'eva' or 'corda', got 'evaa'"):
         LoraConfig(init_lora_weights="evaa")
 
 

@@ -99,7 +99,7 @@ def test_dora_on_a_pissa_init_starts_from_the_original_weight_norms():
     torch.testing.assert_close(logits(model.merge_and_unload()), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("value", ["pissa_niter_0", "pissa_niter_x", "PISSA", "corda", 1, None])
+@pytest.mark.parametrize("value", ["pissa_niter_0", "pissa_niter_x", "PISSA", "lora_ga", 1, None])
 def test_unknown_inits_fail_at_construction_naming_the_choices(value):
     with pytest.raises(ConfigError, match=r"LoraConfig.init_lora_weights must be .*'pissa_niter_<N>'"):
         LoraConfig(init_lora_weights=value)

@@ -16,9 +16,9 @@ from peftkit_lora import LoraConfig
         (dict(lora_dropout=1.0), "LoraConfig.lora_dropout must be a number in [0, 1), got 1.0"),
         (dict(bias="some"), "LoraConfig.bias must be one of 'none', 'all', 'lora_only', got 'some'"),
         (
-            dict(init_lora_weights="corda"),
+            dict(init_lora_weights="lora_ga"),
             "LoraConfig.init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<N>' "
-            "(N >= 1 iterations), 'olora', 'loftq' or 'eva', got 'corda'",
+            "(N >= 1 iterations), 'olora', 'loftq', 'eva' or 'corda', got 'lora_ga'",
         ),
         (
             dict(target_modules=3),
