@@ -37,6 +37,11 @@ def corda_from_data(
         raise TypeError(f"LoRA's CorDA initialisation takes no option(s) {sorted(options)}")
     corda: CordaConfig = config.corda_config
     layers = _targets(peft_model, adapter_name)
+    if any(bool(layer.lora_B[adapter_name].weight.any()) for layer in layers.values()):
+        raise ValueError(
+            f"adapter {adapter_name!r} was already initialised (its B is not zero): CorDA rewrote the base "
+            "weights to the residual, and a second pass would decompose that residual; make the model anew"
+        )
     components = _read_cache(corda.cache_file, layers)
     if components is None:
         covariances = _read_covariances(corda.covariance_file, layers)

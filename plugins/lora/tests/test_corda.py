@@ -324,3 +324,10 @@ def test_a_quantized_or_integer_base_weight_is_refused(base, batches):
         ValueError, match=r"CorDA needs float32, float16 or bfloat16 base weights; .*q_proj' holds torch.int8"
     ):
         initialize_from_data(model, batches, show_progress_bar=False)
+
+
+def test_a_second_pass_over_an_initialised_adapter_is_refused(base, batches):
+    model = corda_model(base)
+    initialize_from_data(model, batches, show_progress_bar=False)
+    with pytest.raises(ValueError, match=r"adapter 'default' was already initialised \(its B is not zero\)"):
+        initialize_from_data(model, batches, show_progress_bar=False)
