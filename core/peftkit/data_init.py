@@ -63,6 +63,6 @@ def initialize_from_data(
         method = plugins.method_for_config(config).name
         raise ValueError(
             f"adapter {adapter_name!r} ({method}) has no data-driven initialisation: no plugin answered "
-            "peftkit_initialize_from_data for it (LoRA's is EVA: LoraConfig(init_lora_weights='eva'))"
+            "peftkit_initialize_from_data for it (LoRA's are EVA and CorDA: LoraConfig(init_lora_weights='eva' or 'corda'))"
         )
     return model
