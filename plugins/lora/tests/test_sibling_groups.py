@@ -66,11 +66,19 @@ def training_step(model, ids: torch.Tensor, grouped: bool, monkeypatch, steps: i
     return out.logits.detach(), grads
 
 
-def assert_same_step(expected, got, **tolerance) -> None:
-    torch.testing.assert_close(got[0], expected[0], **tolerance)
+def assert_same_step(expected, got, of_largest: float = 0.0, **tolerance) -> None:
+    """Logits and gradients equal within ``tolerance``, plus ``of_largest`` times each tensor's largest
+    magnitude (one product for three reorders the sums: a few float32 roundings, which attention and
+    the loss amplify near zero)."""
+
+    def close(actual, wanted, **extra):
+        atol = tolerance.get("atol", 0.0) + of_largest * wanted.abs().max().item()
+        torch.testing.assert_close(actual, wanted, rtol=tolerance.get("rtol", 0.0), atol=atol, **extra)
+
+    close(got[0], expected[0])
     assert got[1].keys() == expected[1].keys()
     for name, grad in expected[1].items():
-        torch.testing.assert_close(got[1][name], grad, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+        close(got[1][name], grad, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_off_by_default():
@@ -117,7 +125,8 @@ def test_a_grouped_training_step_is_the_per_layer_step(seed, r, batch, length, b
         got = training_step(model, ids, True, monkeypatch)
     # the first step learns the groups, the second computes q/k/v as one product and gate/up as another
     assert products == [3, 2] * LAYERS
-    assert_same_step(expected, got, rtol=1e-5, atol=1e-6)
+    # seed=1, r=1, batch=3, length=7, bias=True: a lora_A gradient 3e-5 of its largest value apart
+    assert_same_step(expected, got, of_largest=1e-4, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
