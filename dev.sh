@@ -7,7 +7,7 @@
 #                         package's wheel and try peftkit + peftkit-lora alone in a fresh venv; the docs;
 #                         then the core's and every plugin's tests again on transformers 4.57 (.venv-tf4)
 #   ./dev.sh test-transformers4   only that last stage: set up .venv-tf4, then pytest on transformers 4.57
-#   ./dev.sh setup        only set up .venv
+#   ./dev.sh setup        only set up .venv (setup-transformers4: only .venv-tf4)
 #
 # .venv is created in the repository and reused: the install is skipped while constraints.txt, the
 # test tools listed here and every pyproject.toml are unchanged (PEFTKIT_REINSTALL=1 forces it). All
@@ -209,6 +209,13 @@ run_pytest_transformers4() {
         --ignore-glob='tests/test_sentence_transformers*.py' --ignore-glob='tests/test_diffusers*.py'
 }
 
+setup_venv_transformers4() {
+    local VENV="$TF4_VENV" VPY="$TF4_VENV/bin/python" CONSTRAINTS="$TF4_CONSTRAINTS"
+    local TEST_DEPS=("${TF4_TEST_DEPS[@]}") LEFT_OUT=("${TF4_LEFT_OUT[@]}")
+    local PIP_INSTALL=(-m pip install --quiet --disable-pip-version-check --no-input -c "$CONSTRAINTS")
+    setup_venv
+}
+
 cmd_test_transformers4() {
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/peftkit-dev.XXXXXX")"
     trap 'rm -rf "$WORK"' EXIT
@@ -339,6 +346,7 @@ quickstart) shift; cmd_quickstart "$@" ;;
 test) shift; [[ $# -eq 0 ]] || die "'test' takes no arguments"; cmd_test ;;
 test-transformers4) shift; [[ $# -eq 0 ]] || die "'test-transformers4' takes no arguments"; cmd_test_transformers4 ;;
 setup) setup_venv ;;
+setup-transformers4) setup_venv_transformers4 ;;
 -h | --help | help) usage ;;
 *) usage >&2; exit 2 ;;
 esac

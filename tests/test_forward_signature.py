@@ -37,18 +37,20 @@ def described(signature: inspect.Signature) -> list[tuple[str, object, object]]:
 
 
 @pytest.mark.parametrize("name", list(BASES))
-def test_the_signature_is_the_base_models_plus_adapter_names(name):
+def test_the_signature_is_the_base_models_plus_adapter_names_and_task_ids(name):
     model = wrapped(name)
     base = inspect.signature(model.get_base_model().forward)
     ours = inspect.signature(model.forward)
 
     base_parameters = described(base)
     keyword_catchall = [p for p in base_parameters if p[1] is inspect.Parameter.VAR_KEYWORD]
-    # every base parameter, in order; adapter_names keyword-only with default None, before any **kwargs
-    assert [p for p in described(ours) if p[0] != "adapter_names"] == base_parameters
-    assert ours.parameters["adapter_names"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert ours.parameters["adapter_names"].default is None
-    assert list(ours.parameters)[-1] == (keyword_catchall[0][0] if keyword_catchall else "adapter_names")
+    # every base parameter, in order; adapter_names and task_ids (MultiTask's) keyword-only with default
+    # None, before any **kwargs
+    assert [p for p in described(ours) if p[0] not in ("adapter_names", "task_ids")] == base_parameters
+    for added in ("adapter_names", "task_ids"):
+        assert ours.parameters[added].kind is inspect.Parameter.KEYWORD_ONLY
+        assert ours.parameters[added].default is None
+    assert list(ours.parameters)[-1] == (keyword_catchall[0][0] if keyword_catchall else "task_ids")
     assert ours.return_annotation == base.return_annotation
 
 
@@ -56,7 +58,7 @@ def test_the_signature_follows_the_base_model_when_it_is_replaced():
     model = wrapped("llama")
     assert "attention_mask" in inspect.signature(model.forward).parameters
     model.base_model.model = tiny_plain()
-    assert list(inspect.signature(model.forward).parameters) == ["input_ids", "adapter_names"]
+    assert list(inspect.signature(model.forward).parameters) == ["input_ids", "adapter_names", "task_ids"]
 
 
 def test_read_on_the_class_forward_names_labels_as_peft_task_models_do():
@@ -65,7 +67,7 @@ def test_read_on_the_class_forward_names_labels_as_peft_task_models_do():
     # transformers' find_labels reads the class, which cannot know a model's base; PEFT's task models name labels
     assert find_labels(PeftModel) == ["labels"]
     parameters = inspect.signature(PeftModel.forward).parameters
-    assert list(parameters) == ["self", "args", "adapter_names", "labels", "kwargs"]
+    assert list(parameters) == ["self", "args", "adapter_names", "task_ids", "labels", "kwargs"]
 
 
 def test_calls_go_through_unchanged_positional_or_keyword():
@@ -151,20 +153,21 @@ def test_copies_and_pickles_read_their_own_base_model():
         with torch.no_grad():
             torch.testing.assert_close(other(IDS).logits, expected, rtol=0, atol=0)
         other.base_model.model = tiny_plain()
-        assert list(inspect.signature(other.forward).parameters) == ["input_ids", "adapter_names"]
+        assert list(inspect.signature(other.forward).parameters) == ["input_ids", "adapter_names", "task_ids"]
         assert "attention_mask" in inspect.signature(model.forward).parameters
 
 
-def test_adapter_names_is_added_once_and_before_the_keyword_catchall():
+def test_adapter_names_and_task_ids_are_added_once_and_before_the_keyword_catchall():
     def base(x, *rest, y=1, **extra): ...
 
-    def already(x, adapter_names=None): ...
+    def already(x, adapter_names=None, task_ids=None): ...
 
     assert list(with_adapter_names(inspect.signature(base)).parameters) == [
         "x",
         "rest",
         "y",
         "adapter_names",
+        "task_ids",
         "extra",
     ]
     assert with_adapter_names(inspect.signature(already)) == inspect.signature(already)

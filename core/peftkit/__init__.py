@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from typing import Any
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 _EXPORTS = {
     "get_peft_model": "peftkit.model",
@@ -30,6 +30,13 @@ _EXPORTS = {
     "hotswap_adapter": "peftkit.hotswap",
     "initialize_from_data": "peftkit.data_init",
     "prepare_model_for_compiled_hotswap": "peftkit.hotswap",
+    "Stack": "peftkit.composition",
+    "Parallel": "peftkit.composition",
+    "BatchSplit": "peftkit.composition",
+    "Average": "peftkit.composition",
+    "Split": "peftkit.composition",
+    "MultiTask": "peftkit.composition",
+    "Fuse": "peftkit.composition",
     "PeftkitError": "peftkit.errors",
     "ConfigError": "peftkit.errors",
     "TargetModulesError": "peftkit.errors",

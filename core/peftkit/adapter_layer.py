@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from peftkit import exact_unmerge, plugins
+from peftkit.composition import Child, compose
 from peftkit.errors import MergeNotSupportedError
 from peftkit.layer_access import LayerFeatures
 from peftkit.mixed_batch import RowAdapters
@@ -28,6 +29,11 @@ class AdapterLayer(nn.Module):
     - :meth:`saved_tensors`: what the adapter's file holds for this layer, when not its tensors as
       they are (AdaLoRA saves its factors cut to the ranks it kept); :meth:`tensor_to_load` the other
       way, where a layer holds a saved tensor in another shape (LoRA padded for compiled hot-swaps).
+    - ``composition_blocks``: the composition blocks (:mod:`peftkit.composition`) the layer computes, by
+      default ``("Stack",)``, which any layer computes by running all of a stack's adapters as active ones.
+      A layer that routes its forward through :meth:`forward` (or hands compositions to it) and whose
+      adapters act on each token separately computes every block but ``Fuse`` with :meth:`composed_output`'s
+      default, and says so with ``composition_blocks = peftkit.composition.TOKEN_WISE_BLOCKS``.
     - ``supported_kinds``: the base layer kinds (see :mod:`peftkit.layer_access`) it can wrap.
     - ``hotswap_fields``: the config fields that may differ when another saved adapter is hot-swapped
       in (:func:`peftkit.hotswap_adapter`) because they change only scalars, which
@@ -38,6 +44,7 @@ class AdapterLayer(nn.Module):
     adapter_tensor_names: ClassVar[tuple[str, ...]] = ()
     adapter_state_names: ClassVar[tuple[str, ...]] = ()
     supported_kinds: ClassVar[tuple[str, ...]] = ()
+    composition_blocks: ClassVar[tuple[str, ...]] = ("Stack",)
     hotswap_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module, features: LayerFeatures | None = None) -> None:
@@ -49,6 +56,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.merge_residuals: dict[str, exact_unmerge.MergeResidual] = {}
         self.row_adapters: RowAdapters | None = None  # set while a mixed batch runs (peftkit.mixed_batch)
+        self.active_composition: Child | None = None  # a composition block, set by PeftModel.set_adapter
         self.disabled = False
 
     # --- what a method implements ---------------------------------------------------------------
@@ -136,6 +144,8 @@ class AdapterLayer(nn.Module):
         if self.row_adapters is not None:
             self.row_adapters.check_rows(x.shape[0], type(self).__name__)
             return self.mixed_batch_output(x, result, self.row_adapters)
+        if self.active_composition is not None:
+            return self.composed_output(x, result, self.active_composition)
         pending = [name for name in self.active_adapters if name not in self.merged_adapters]
         if not pending:
             return result
@@ -152,6 +162,29 @@ class AdapterLayer(nn.Module):
             changed = self.adapter_output(x[selected], result[selected], [name])
             out = out.index_put((selected,), changed.to(out.dtype))
         return out
+
+    def composed_output(self, x: torch.Tensor, result: torch.Tensor, block: Child) -> torch.Tensor:
+        """The output under a composition block (:mod:`peftkit.composition`).
+
+        This default suits layers whose adapters act on each token separately: the state is (input, output)
+        and one adapter's step is :meth:`adapter_output`, so ``Stack`` applies adapters in turn, ``Average``
+        weighs their outputs, ``Split`` and row blocks run each part on its own, and a row block of plain
+        adapter names takes the layer's mixed-batch path. A method overrides it where its adapters read or
+        write something else (bottleneck adapters), or to fuse.
+        """
+
+        def step(names: list[str], state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            held = [name for name in names if self.holds(name)]
+            return (state[0], self.adapter_output(state[0], state[1], held)) if held else state
+
+        def rows_of_names(names: list[str], state: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+            return state[0], self.mixed_batch_output(state[0], state[1], RowAdapters(names))
+
+        return compose(block, (x, result), step, rows_of_names=rows_of_names, where=type(self).__name__)[-1]
+
+    def check_composition(self, block: Child) -> None:
+        """Raise :class:`peftkit.ConfigError` where this layer cannot compute ``block`` as its adapters are
+        configured (called by ``set_adapter`` on every layer before anything changes). Default: any block."""
 
     def adapter_parameters(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
         """The adapter's tensors here, named as PEFT saves them relative to this layer."""

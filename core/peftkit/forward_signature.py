@@ -21,6 +21,7 @@ from typing import Any
 ADAPTER_NAMES = inspect.Parameter(
     "adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="list[str] | None"
 )
+TASK_IDS = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
 LABELS = inspect.Parameter("labels", inspect.Parameter.KEYWORD_ONLY, default=None)
 SELF = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
 
@@ -36,8 +37,9 @@ def _insert_before_var_keyword(
 
 
 def with_adapter_names(signature: inspect.Signature) -> inspect.Signature:
-    """``signature`` with the keyword-only ``adapter_names`` added, before any ``**kwargs``."""
-    return _insert_before_var_keyword(signature, ADAPTER_NAMES)
+    """``signature`` with the keyword-only ``adapter_names`` and ``task_ids`` (for a ``MultiTask``
+    composition) added, before any ``**kwargs``."""
+    return _insert_before_var_keyword(_insert_before_var_keyword(signature, ADAPTER_NAMES), TASK_IDS)
 
 
 def model_signature(model: Any) -> inspect.Signature | None:

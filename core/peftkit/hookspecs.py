@@ -16,7 +16,7 @@ model is ``peft_model.base_model.model``), ``config`` (the adapter's config, val
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -220,6 +220,23 @@ def peftkit_unmerge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_n
     firstresult, with a default in the core like :func:`peftkit_merge_adapter`.
 
     :return: True when unmerged; None to leave it to the core's default.
+    """
+
+
+# --- composing -------------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def peftkit_composition_blocks(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> Collection[str] | None:
+    """Name the composition blocks (:mod:`peftkit.composition`) an adapter of this method may sit inside.
+
+    firstresult: the owning method answers. ``set_adapter`` checks every block it is given against the
+    answers, and refuses, naming the method and what it supports, a block that means nothing for an
+    adapter in it. How the adapter's layers then compute a block: :meth:`peftkit.AdapterLayer.composed_output`
+    (a default that fits layers acting on each token separately) and :meth:`~peftkit.AdapterLayer.check_composition`.
+
+    :return: names from ``peftkit.composition.BLOCK_NAMES`` (``"Stack"``, ``"Average"``, ...); None for the
+        core's default: the blocks that every layer holding the adapter computes (its class's
+        ``AdapterLayer.composition_blocks``), or ``Stack`` alone for an adapter without layers (a prompt,
+        which then joins the adapters stacked with it).
     """
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from peftkit import plugins, serialization
 from peftkit.adapter_layer import AdapterLayer, adapter_layers
 from peftkit.adapter_swap import swap_adapter
+from peftkit.composition import CompositionBlock, has_row_blocks, parallel_channels, resolve_rows
 from peftkit.config import CONFIG_NAME, PeftConfig, with_task_heads
 from peftkit.errors import AdapterNameError, ConfigError, MergeNotSupportedError
 from peftkit.foreign_format import PEFT_FORMAT, read_foreign_adapter
@@ -71,6 +72,7 @@ class PeftModel(nn.Module):
         self.prompt_modules = nn.ModuleDict()
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapters: list[str] = []
+        self.active_composition: CompositionBlock | None = None  # what set_adapter got, when a block
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self._adapters_disabled = False
         self.register_state_dict_pre_hook(warn_on_plain_trainer_save)
@@ -158,9 +160,14 @@ class PeftModel(nn.Module):
                 elif base_dtype is not None and base_dtype.is_floating_point:
                     param.data = param.data.to(base_dtype)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several at once (their effects add up)."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str] | CompositionBlock) -> None:
+        """Activate one adapter, several at once (their effects add up), or a composition block
+        (:mod:`peftkit.composition`: ``Stack("a", "b")``, ``Average(...)``, ``BatchSplit(...)``, ...)."""
+        block = adapter_name if isinstance(adapter_name, CompositionBlock) else None
+        if block is not None:
+            names = block.flatten()
+        else:
+            names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
             raise AdapterNameError("set_adapter needs at least one adapter name")
         self._check_known(names)
@@ -171,21 +178,55 @@ class PeftModel(nn.Module):
                 f"adapters {kinds} cannot be active together: each one's method allows no other such adapter "
                 "beside it (one prompt at a time); any number of layer adapters may join one of them"
             )
+        if block is not None:
+            self._check_composition(block)
         self.active_adapters = names
+        self.active_composition = block
         for _, layer in self.adapter_layers():
             layer.set_active(names)
+            layer.active_composition = block
         self._note_answering()
         self._update_trainable()
+
+    def _check_composition(self, block: CompositionBlock) -> None:
+        from peftkit.composition import enclosing_blocks, validate
+
+        validate(block)
+        merged = sorted({name for _, layer in self.adapter_layers() for name in layer.merged_adapters})
+        if merged:
+            raise ConfigError(
+                f"a composition cannot run while adapters are merged ({', '.join(merged)}); call unmerge_adapter() first"
+            )
+        for name, inside in enclosing_blocks(block).items():
+            supported = plugins.composition_blocks(self, self.peft_config[name], name)
+            refused = sorted(inside - supported)
+            if refused:
+                method = self._method(name).name
+                can = ", ".join(sorted(supported)) or "none"
+                raise ConfigError(
+                    f"adapter {name!r} is a {method} adapter, which cannot take part in {', '.join(refused)} "
+                    f"(in {block!r}); {method} adapters take part in: {can}"
+                )
+        with_heads = [name for name in block.flatten() if self.peft_config[name].modules_to_save]
+        if len(with_heads) > 1:
+            raise ConfigError(
+                f"adapters {with_heads} each have modules_to_save (a trained task head); a composition may hold "
+                "at most one adapter with a head, whose head then serves every row"
+            )
+        for _, layer in self.adapter_layers():
+            layer.check_composition(block)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known([adapter_name])
         self._remove(adapter_name)
         remaining = [name for name in self.active_adapters if name != adapter_name]
+        self.active_composition = None  # a block that named it no longer can run; the rest stay active
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         self.active_adapters = remaining
         for _, layer in self.adapter_layers():
             layer.set_active(remaining)
+            layer.active_composition = None
         self._note_answering()
         self._update_trainable()
 
@@ -285,12 +326,22 @@ class PeftModel(nn.Module):
         return inputs
 
     @forward_with_base_signature
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self, *args: Any, adapter_names: list[str] | None = None, task_ids: Any = None, **kwargs: Any
+    ) -> Any:
         """Run the model with the active adapters; or, with ``adapter_names`` (one per row of the batch,
-        ``"__base__"`` for none), each row with its own adapter, as PEFT's mixed batches do."""
+        ``"__base__"`` for none), each row with its own adapter, as PEFT's mixed batches do. ``task_ids``
+        (one per row, a child's index or name) is for a ``MultiTask`` composition."""
         if adapter_names is not None:
+            self._check_no_composition("adapter_names=")
             return self._forward_mixed(adapter_names, args, kwargs)
-        inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.transform_inputs)
+        if self._composes_rows():
+            return self._forward_rows(self._named_inputs(args, kwargs), task_ids)
+        self._check_no_task_ids(task_ids)
+        return self._forward_active(self._named_inputs(args, kwargs))
+
+    def _forward_active(self, inputs: dict[str, Any]) -> Any:
+        inputs = self._rewrite(inputs, plugins.transform_inputs)
         outputs = self.base_model(**inputs)
         if self._adapters_disabled:
             return outputs
@@ -300,13 +351,80 @@ class PeftModel(nn.Module):
                 outputs = changed
         return outputs
 
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self, *args: Any, adapter_names: list[str] | None = None, task_ids: Any = None, **kwargs: Any
+    ) -> Any:
         if adapter_names is not None:
+            self._check_no_composition("adapter_names=")
             with self._mixed_batch(adapter_names):
                 return self.base_model.model.generate(*args, **kwargs)
-        inputs = self._rewrite(self._named_inputs(args, kwargs), plugins.prepare_generation)
+        inputs = self._named_inputs(args, kwargs)
+        if self._composes_rows():
+            inputs, resolved = self._rows_for_call(inputs, task_ids)
+            with self._composition_for_call(resolved):
+                return self._generate_active(inputs)
+        self._check_no_task_ids(task_ids)
+        return self._generate_active(inputs)
+
+    def _generate_active(self, inputs: dict[str, Any]) -> Any:
+        inputs = self._rewrite(inputs, plugins.prepare_generation)
         with self._rewriting_generation_steps():
             return self.base_model.model.generate(**inputs)
+
+    # --- composition blocks over rows (BatchSplit, MultiTask, Parallel) ----------------------------------
+    def _composes_rows(self) -> bool:
+        return (
+            self.active_composition is not None
+            and not self._adapters_disabled
+            and has_row_blocks(self.active_composition)
+        )
+
+    def _check_no_composition(self, what: str) -> None:
+        if self.active_composition is not None:
+            raise ValueError(
+                f"{what} cannot be used while a composition block is active ({self.active_composition!r}); "
+                "use BatchSplit or MultiTask in the block, or set_adapter(name) first"
+            )
+
+    def _check_no_task_ids(self, task_ids: Any) -> None:
+        if task_ids is not None:
+            raise ValueError(
+                "task_ids= is for a MultiTask composition, and none is active; "
+                "call set_adapter(MultiTask(...)) first"
+            )
+
+    @_not_traced(
+        "peftkit turns a composition's rows into index tensors outside the graph; to compile it, compile the "
+        "base model in place instead: model.get_base_model().compile()"
+    )
+    def _forward_rows(self, inputs: dict[str, Any], task_ids: Any) -> Any:
+        inputs, resolved = self._rows_for_call(inputs, task_ids)
+        with self._composition_for_call(resolved):
+            return self._forward_active(inputs)
+
+    def _rows_for_call(self, inputs: dict[str, Any], task_ids: Any) -> tuple[dict[str, Any], Any]:
+        """The inputs repeated once per ``Parallel`` channel, and the composition with its rows resolved."""
+        rows = _batch_rows(inputs)
+        copies = parallel_channels(self.active_composition)
+        if copies > 1:
+            inputs = {
+                key: value.repeat(copies, *([1] * (value.dim() - 1)))
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows
+                else value
+                for key, value in inputs.items()
+            }
+        return inputs, resolve_rows(self.active_composition, rows * copies, task_ids)
+
+    @contextlib.contextmanager
+    def _composition_for_call(self, resolved: Any) -> Iterator[None]:
+        layers, _ = self._layers_for_mixed_batches()
+        for layer in layers:
+            layer.active_composition = resolved
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.active_composition = self.active_composition
 
     @contextlib.contextmanager
     def _rewriting_generation_steps(self) -> Iterator[None]:
@@ -422,6 +540,12 @@ class PeftModel(nn.Module):
         which they apply: the first added is innermost. An outer adapter cannot merge over an inner one
         that stays active and unmerged, because the inner one would then act on the merged weight.
         """
+        if adapter_names is None and self.active_composition is not None:
+            raise MergeNotSupportedError(
+                f"the active adapters are a composition ({self.active_composition!r}), which merging cannot "
+                "fold into one weight; name the adapters to merge (merge_adapter([...])), or for an Average of "
+                "LoRA adapters make one adapter with add_weighted_adapter(..., combination_type='cat')"
+            )
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         self._check_known(names)
         self._check_mergeable(names)
@@ -681,6 +805,15 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap ``model`` with a new, trainable adapter of the config's method."""
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def _batch_rows(inputs: dict[str, Any]) -> int:
+    """The batch size of a call: the rows of input_ids or inputs_embeds, else of its first tensor."""
+    for key in ("input_ids", "inputs_embeds", *inputs):
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("a composition over rows needs a batched tensor input (input_ids, inputs_embeds, ...)")
 
 
 def _positional_names(forward: Any) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from peftkit.adapter_layer import AdapterLayer
+from peftkit.composition import BLOCK_NAMES
 from peftkit.layer_access import LayerFeatures
 
 
@@ -20,6 +21,8 @@ class ModulesToSaveWrapper(AdapterLayer):
     """
 
     adapter_tensor_names: ClassVar[tuple[str, ...]] = ("modules_to_save",)
+    # a composition holds at most one adapter with a head (PeftModel.set_adapter checks), which serves it all
+    composition_blocks: ClassVar[tuple[str, ...]] = BLOCK_NAMES
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer, features=LayerFeatures("linear", 0, 0))

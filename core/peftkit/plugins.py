@@ -359,6 +359,26 @@ def trainable_parameters(
     return [pair for answer in answers for pair in answer]
 
 
+def composition_blocks(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> frozenset[str]:
+    from peftkit.composition import BLOCK_NAMES
+
+    answer = _hook().peftkit_composition_blocks(peft_model=peft_model, config=config, adapter_name=adapter_name)
+    if answer is None:  # what every layer holding the adapter computes; Stack alone for an adapter without layers
+        blocks = [
+            frozenset(type(layer).composition_blocks)
+            for _, layer in peft_model.adapter_layers()
+            if layer.holds(adapter_name)
+        ]
+        return frozenset.intersection(*blocks) if blocks else frozenset({"Stack"})
+    unknown = set(answer) - set(BLOCK_NAMES)
+    if unknown:
+        raise TypeError(
+            f"the plugin for {method_for_config(config).name!r} names unknown composition blocks {sorted(unknown)}; "
+            f"known: {', '.join(BLOCK_NAMES)}"
+        )
+    return frozenset(answer)
+
+
 def merge_adapter(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> bool:
     return bool(
         _hook().peftkit_merge_adapter(peft_model=peft_model, config=config, adapter_name=adapter_name)

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 from peftkit import AdapterLayer
+from peftkit.composition import TOKEN_WISE_BLOCKS
 from peftkit.layer_access import LINEAR
 from torch import nn
 
@@ -59,6 +60,7 @@ class AdaLoraLayer(AdapterLayer):
         "uncertainty",
     )
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR,)
+    composition_blocks: ClassVar[tuple[str, ...]] = TOKEN_WISE_BLOCKS
 
     def __init__(self, base_layer: nn.Module, features=None) -> None:
         super().__init__(base_layer, features)

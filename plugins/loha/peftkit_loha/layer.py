@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from peftkit import AdapterLayer
+from peftkit.composition import TOKEN_WISE_BLOCKS
 from peftkit.layer_access import CONV1D, CONV2D, LINEAR
 from torch import nn
 
@@ -81,6 +82,7 @@ class LoHaLayer(AdapterLayer):
         "module_dropout",
     )
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D)
+    composition_blocks: ClassVar[tuple[str, ...]] = TOKEN_WISE_BLOCKS
 
     def __init__(self, base_layer: nn.Module, features=None) -> None:
         super().__init__(base_layer, features)

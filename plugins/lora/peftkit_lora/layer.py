@@ -20,6 +20,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from peftkit import AdapterLayer, AdapterLoadError, plugins
+from peftkit.composition import TOKEN_WISE_BLOCKS
 from peftkit.layer_access import CONV1D, CONV2D, CONV3D, EMBEDDING, LINEAR
 from torch import nn
 
@@ -83,6 +84,7 @@ class LoraLayer(AdapterLayer):
         "target_rank",
     )
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D, CONV3D, EMBEDDING)
+    composition_blocks: ClassVar[tuple[str, ...]] = TOKEN_WISE_BLOCKS
     # a hot-swapped adapter may differ in these: they only set ``scaling`` (see update_scalars)
     hotswap_fields: ClassVar[tuple[str, ...]] = ("lora_alpha", "alpha_pattern", "use_rslora")
     # LoRA on a linear layer runs as one autograd node (peftkit_lora.fused); tests switch it off to
@@ -388,7 +390,7 @@ class LoraLayer(AdapterLayer):
         return conv_fn(conv_fn(h, a, None, self.features.stride, self.features.padding), b)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disabled or self.row_adapters is not None:
+        if self.disabled or self.row_adapters is not None or self.active_composition is not None:
             return super().forward(x, *args, **kwargs)
         pending = self._pending
         if len(pending) == 1 and not (args or kwargs):
@@ -420,8 +422,15 @@ class LoraLayer(AdapterLayer):
     def _groupable(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype] | None:
         """A and the dtype the fused node computes in, where this layer's down-projection for ``x`` may come
         from a product shared with its siblings: one unmerged adapter, run by the fused node, no dropout in
-        effect, no hooks on the layer or its base (they may change the weights), no mixed batch; else None."""
-        if not self.group_siblings or self.disabled or self.row_adapters is not None or len(self._pending) != 1:
+        effect, no hooks on the layer or its base (they may change the weights), no mixed batch or composition;
+        else None."""
+        if (
+            not self.group_siblings
+            or self.disabled
+            or self.row_adapters is not None
+            or self.active_composition is not None
+            or len(self._pending) != 1
+        ):
             return None
         adapter = self._pending[0]
         if adapter.lora_a is None or self._dropout_p(adapter) > 0:
