@@ -298,6 +298,7 @@ def test_the_plain_trainer_reads_what_it_reads_from_a_model_as_from_the_base_mod
         trainer._set_signature_columns_if_needed()
         assert set(trainer._signature_columns) - set(base_trainer._signature_columns) <= {
             "adapter_names",
+            "task_ids",  # a MultiTask composition's, kept as a dataset column
             "labels",
         }
         assert set(base_trainer._signature_columns) <= set(trainer._signature_columns)
