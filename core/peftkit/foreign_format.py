@@ -70,3 +70,83 @@ def read_foreign_adapter(folder: str | Path, model: nn.Module | None = None) -> 
     if not folder.is_dir() or is_peft_folder(folder):
         return None
     return plugins.read_foreign_adapter(folder, model)
+
+
+# --- AdapterHub's folders: the layout every AdapterHub method shares ----------------------------------------
+# What ``adapters``' ``save_adapter`` writes, whatever the method: ``adapter_config.json`` (``{"config":
+# {...the method's config...}, "name", "model_type", "hidden_size", "model_class", "model_name", "version"}``)
+# and the tensors in ``pytorch_adapter.bin`` (a pickle) or ``adapter.safetensors``; a prediction head saved
+# beside the adapter is in ``head_config.json`` and ``pytorch_model_head.bin`` (or ``model_head.safetensors``).
+# Each plugin that reads one of AdapterHub's methods reads the folder with these and the config's
+# ``architecture`` with its own code.
+ADAPTERHUB_FORMAT = "adapterhub"
+ADAPTERHUB_WEIGHTS_NAME = "pytorch_adapter.bin"
+ADAPTERHUB_SAFE_WEIGHTS_NAME = "adapter.safetensors"
+ADAPTERHUB_HEAD_FILES = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors")
+
+
+def adapterhub_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's ``adapter_config.json`` if it is AdapterHub's (a ``"config"`` object beside the adapter's
+    ``"name"``); None otherwise."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "name" in data:
+        return data
+    return None
+
+
+def adapterhub_head_notes(folder: Path) -> list[str]:
+    """``ForeignAdapter.notes`` for the prediction-head files saved beside an AdapterHub adapter."""
+    return [
+        f"{name}: a prediction head, which peftkit does not load"
+        for name in ADAPTERHUB_HEAD_FILES
+        if (folder / name).is_file()
+    ]
+
+
+def read_adapterhub_tensors(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The file read and its tensors: ``adapter.safetensors``, else ``pytorch_adapter.bin`` read without
+    executing code (``weights_only=True``); :class:`peftkit.AdapterLoadError` naming the file otherwise."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from peftkit.errors import AdapterLoadError
+
+    safe = folder / ADAPTERHUB_SAFE_WEIGHTS_NAME
+    if safe.is_file():
+        try:
+            return safe, load_file(str(safe))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterLoadError(f"{str(safe)!r} is not a readable safetensors file ({exc})") from exc
+    legacy = folder / ADAPTERHUB_WEIGHTS_NAME
+    if not legacy.is_file():
+        raise AdapterLoadError(
+            f"{str(folder)!r} has AdapterHub's {CONFIG_NAME} but neither {ADAPTERHUB_WEIGHTS_NAME} nor "
+            f"{ADAPTERHUB_SAFE_WEIGHTS_NAME}"
+        )
+    try:
+        return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterLoadError(
+            f"{str(legacy)!r} is not a weights-only torch file, so peftkit does not read it (a pickle that holds "
+            f"more than tensors could run code when loaded): {exc}"
+        ) from exc
+
+
+def write_adapterhub_files(folder: Path, data: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """Write an AdapterHub folder as ``save_adapter`` does: ``adapter_config.json`` (``data``),
+    ``pytorch_adapter.bin`` (what ``load_adapter`` reads by default) and ``adapter.safetensors`` (what it
+    reads with ``use_safetensors=True``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    ready = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in tensors.items()}
+    (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    torch.save(ready, folder / ADAPTERHUB_WEIGHTS_NAME)
+    save_file(ready, str(folder / ADAPTERHUB_SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
