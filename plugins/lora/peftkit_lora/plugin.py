@@ -1,11 +1,19 @@
-"""LoRA's hook implementations: register, inject into targeted layers, train and save biases as asked."""
+"""LoRA's hook implementations: register, inject into targeted layers, train and save biases as asked, and
+read and write AdapterHub's LoRA folders (:mod:`peftkit_lora.adapterhub`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit import MethodSpec, hookimpl, method_impl
 from peftkit.bias_option import bias_hooks
 
 from peftkit_lora.config import LoraConfig
+
+if TYPE_CHECKING:
+    from peftkit.foreign_format import ForeignAdapter
+    from torch import nn
 
 # PEFT's default targets when target_modules is None, by transformers model_type.
 DEFAULT_TARGETS = {
@@ -128,6 +136,27 @@ def peftkit_initialize_from_data(
     from peftkit_lora.eva_init import eva_from_data
 
     return eva_from_data(peft_model, config, adapter_name, batches, forward, show_progress, options)
+
+
+@hookimpl
+def peftkit_read_foreign_adapter(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_lora import adapterhub
+
+    return adapterhub.read(folder, model)
+
+
+@method_impl("lora")
+def peftkit_save_foreign_adapter(
+    peft_model, config: LoraConfig, adapter_name: str, format: str, folder: Path
+) -> bool | None:
+    # here, not at the top: loading the plugin (peftkit methods) stays torch-free
+    from peftkit_lora import adapterhub
+
+    if format != adapterhub.FORMAT:
+        return None
+    adapterhub.save(peft_model, config, adapter_name, folder)
+    return True
 
 
 # PEFT's ``bias`` option: which base-model biases train, save and load with the adapter
