@@ -201,6 +201,13 @@ class Average(CompositionBlock):
     def _arguments(self) -> dict[str, Any]:
         return {"weights": self.weights}
 
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        # weights not summing to 1 (un-normalised, or normalised but off by rounding) must read back as they are
+        if sum(self.weights) != 1.0:
+            data["kwargs"]["normalize_weights"] = False
+        return data
+
 
 BLOCKS: dict[str, type[CompositionBlock]] = {
     kind.__name__: kind for kind in (Stack, Parallel, MultiTask, Fuse, Split, BatchSplit, Average)
