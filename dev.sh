@@ -33,7 +33,7 @@ TF4_TEST_DEPS=(pytest hypothesis "peft==0.21.*" accelerate "transformers==4.57.*
     "adapters==1.3.*")
 # Tests against AdapterHub's `adapters` 1.3, which needs transformers 4.57: they run in the transformers 4
 # stage only, and the first stage leaves them out (it has no `adapters`).
-ADAPTERHUB_TESTS='plugins/bottleneck/tests/test_adapterhub*.py'
+ADAPTERHUB_TESTS='plugins/*/tests/test_adapterhub*.py'
 # packages (plugin folders) that require transformers 5, left out of .venv-tf4 with their tests
 TF4_LEFT_OUT=(plugins/prefix_tuning)
 LEFT_OUT=() # folders plugin_dirs and test_paths skip (set for the transformers 4 stage)
@@ -196,7 +196,7 @@ run_pytest_generic_kernels() {
 # installed; and LoRA's target_parameters tests, whose mixture-of-experts models have fused 3-D expert
 # parameters only from transformers 5 on (4.57 keeps nn.Linear experts, which target_modules reaches).
 # All run in the first stage. The other way round, only this stage runs ADAPTERHUB_TESTS (peftkit-bottleneck
-# against AdapterHub's adapters 1.3, which needs transformers 4.57).
+# and peftkit-lora against AdapterHub's adapters 1.3, which needs transformers 4.57).
 run_pytest_transformers4() {
     local VENV="$TF4_VENV" VPY="$TF4_VENV/bin/python" CONSTRAINTS="$TF4_CONSTRAINTS"
     local TEST_DEPS=("${TF4_TEST_DEPS[@]}") LEFT_OUT=("${TF4_LEFT_OUT[@]}")
