@@ -180,7 +180,9 @@ class AdapterLayer(nn.Module):
         def rows_of_names(names: list[str], state: tuple[torch.Tensor, torch.Tensor]) -> tuple:
             return state[0], self.mixed_batch_output(state[0], state[1], RowAdapters(names))
 
-        return compose(block, (x, result), step, rows_of_names=rows_of_names, where=type(self).__name__)[-1]
+        return compose(
+            block, (x, result), step, rows_of_names=rows_of_names, holds=self.holds, where=type(self).__name__
+        )[-1]
 
     def check_composition(self, block: Child) -> None:
         """Raise :class:`peftkit.ConfigError` where this layer cannot compute ``block`` as its adapters are

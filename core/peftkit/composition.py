@@ -368,11 +368,13 @@ def compose(
     *,
     rows_of_names: Callable[[list[str], State], State] | None = None,
     fuse: Callable[[Fuse, State], State] | None = None,
+    holds: Callable[[str], bool] | None = None,
     where: str = "this layer",
 ) -> State:
     """Walk ``block`` over ``state``; ``step(names, state)`` applies adapters in turn (a ``Stack`` of names
     comes as one call, as when they are simply all active), leaving out those the layer does not hold. ``rows_of_names``: a faster way to run a :class:`Rows` whose children
-    are all adapter names (a layer's mixed-batch path). ``fuse``: how the layer fuses, where it can."""
+    are all adapter names (a layer's mixed-batch path). ``fuse``: how the layer fuses, where it can. ``holds``:
+    whether the layer holds an adapter; a ``Split`` of adapters it holds none of leaves its tokens as they are."""
 
     def walk(node: Child, current: State) -> State:
         if isinstance(node, str):
@@ -391,6 +393,8 @@ def compose(
                 averaged = averaged + rest * current[-1]
             return (*current[:-1], averaged.to(current[-1].dtype))
         if isinstance(node, Split):
+            if holds is not None and not any(holds(name) for name in _names(node)):
+                return current  # none of its adapters here: no sequence to split (a pooler, a convolution)
             return _split(node, current, walk, where)
         if isinstance(node, Rows):
             return _rows(node, current, walk, rows_of_names, where)
@@ -401,6 +405,11 @@ def compose(
         raise ConfigError(f"{type(node).__name__} reached {where} unresolved; run the model through PeftModel")
 
     return walk(block, state)
+
+
+def _names(node: Any) -> list[str]:
+    """The adapter names in a block, resolved (:class:`Rows`) or not."""
+    return [node] if isinstance(node, str) else [name for child in node.children for name in _names(child)]
 
 
 def _split(node: Split, state: State, walk: Callable, where: str) -> State:
