@@ -173,7 +173,9 @@ class AdapterLayer(nn.Module):
         write something else (bottleneck adapters), or to fuse.
         """
 
-        def step(names: list[str], state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(
+            names: list[str], state: tuple[torch.Tensor, torch.Tensor]
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             held = [name for name in names if self.holds(name)]
             return (state[0], self.adapter_output(state[0], state[1], held)) if held else state
 

@@ -102,7 +102,9 @@ class CompositionBlock(Sequence):
     def from_dict(data: dict[str, Any]) -> CompositionBlock:
         kind = BLOCKS.get(data.get("type"))
         if kind is None:
-            raise ConfigError(f"unknown composition block type {data.get('type')!r}; known: {', '.join(BLOCKS)}")
+            raise ConfigError(
+                f"unknown composition block type {data.get('type')!r}; known: {', '.join(BLOCKS)}"
+            )
         children = [
             child["children"][0] if child["type"] == "single" else CompositionBlock.from_dict(child)
             for child in data["children"]
@@ -131,7 +133,9 @@ class Fuse(CompositionBlock):
 
     @property
     def name(self) -> str:
-        return self._name or ",".join(child if isinstance(child, str) else child.last() for child in self.children)
+        return self._name or ",".join(
+            child if isinstance(child, str) else child.last() for child in self.children
+        )
 
     def _arguments(self) -> dict[str, Any]:
         return {"name": self._name} if self._name else {}
@@ -187,7 +191,9 @@ class Average(CompositionBlock):
             or len(weights) != len(children)
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
         ):
-            raise ConfigError(f"Average(weights=...) takes one number per child ({len(children)}), got {weights!r}")
+            raise ConfigError(
+                f"Average(weights=...) takes one number per child ({len(children)}), got {weights!r}"
+            )
         elif normalize_weights:
             total = sum(weights)
             if total == 0:
@@ -269,6 +275,14 @@ def has_row_blocks(block: Child) -> bool:
     )
 
 
+def fuse_blocks(block: Child | None) -> list[Fuse]:
+    """Every ``Fuse`` in ``block``, outermost first."""
+    if not isinstance(block, CompositionBlock):
+        return []
+    own = [block] if isinstance(block, Fuse) else []
+    return own + [fuse for child in block.children for fuse in fuse_blocks(child)]
+
+
 def parallel_channels(block: Child) -> int:
     """How many copies of the batch a ``Parallel`` in ``block`` asks for (1 when there is none)."""
     if not isinstance(block, CompositionBlock):
@@ -294,6 +308,10 @@ class Rows:
             self._selected[key] = torch.tensor(rows, dtype=torch.long, device=device)
         return self._selected[key]
 
+    def flatten(self) -> list[str]:
+        names = (child if isinstance(child, str) else child.flatten() for child in self.children)
+        return list(dict.fromkeys(n for group in names for n in ([group] if isinstance(group, str) else group)))
+
     def names(self) -> list[str] | None:
         """Each row's adapter name, when every child is a plain adapter name (else None)."""
         if not all(isinstance(child, str) for child in self.children):
@@ -318,7 +336,9 @@ def resolve_rows(block: Child, rows: int, task_ids: Any = None) -> Child:
                 f"{block!r} splits {sum(block.batch_sizes)} rows, but the batch has {rows}; give batch_sizes "
                 "that sum to the batch size"
             )
-        children = [resolve_rows(child, size, task_ids) for child, size in zip(block.children, block.batch_sizes)]
+        children = [
+            resolve_rows(child, size, task_ids) for child, size in zip(block.children, block.batch_sizes)
+        ]
         return Rows(children, [index for index, size in enumerate(block.batch_sizes) for _ in range(size)])
     if isinstance(block, MultiTask):
         assignment = _task_rows(block, task_ids, rows)
@@ -335,7 +355,9 @@ def resolve_rows(block: Child, rows: int, task_ids: Any = None) -> Child:
 
 def _task_rows(block: MultiTask, task_ids: Any, rows: int) -> list[int]:
     if task_ids is None:
-        raise ValueError(f"{block!r} needs task_ids=: one task per row, as an index into its children or a name")
+        raise ValueError(
+            f"{block!r} needs task_ids=: one task per row, as an index into its children or a name"
+        )
     ids = task_ids.tolist() if isinstance(task_ids, torch.Tensor) else list(task_ids)
     if len(ids) != rows:
         raise ValueError(f"task_ids has {len(ids)} entries, but the batch has {rows} rows: give one per row")
@@ -344,7 +366,9 @@ def _task_rows(block: MultiTask, task_ids: Any, rows: int) -> list[int]:
     for task in ids:
         if isinstance(task, str):
             if task not in names:
-                raise ValueError(f"task_ids names {task!r}, which is not a child of {block!r}; children: {names}")
+                raise ValueError(
+                    f"task_ids names {task!r}, which is not a child of {block!r}; children: {names}"
+                )
             assignment.append(names.index(task))
         elif isinstance(task, int) and 0 <= task < len(names):
             assignment.append(task)
@@ -402,7 +426,9 @@ def compose(
             if fuse is None:
                 raise ConfigError(f"Fuse has no meaning for {where}: only methods with a fusion layer fuse")
             return fuse(node, current)
-        raise ConfigError(f"{type(node).__name__} reached {where} unresolved; run the model through PeftModel")
+        raise ConfigError(
+            f"{type(node).__name__} reached {where} unresolved; run the model through PeftModel"
+        )
 
     return walk(block, state)
 

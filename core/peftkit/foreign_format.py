@@ -36,7 +36,8 @@ class ForeignAdapter:
     ``source_config`` and ``source_tensors``: the folder's config and tensors under its own names.
     ``config`` and ``tensors``: the adapter as ``method``'s config, and its tensors under PEFT's keys
     for the base model it was read for; None when no model was given. ``notes``: what the folder holds
-    that peftkit does not load (a prediction head), for ``peftkit inspect`` to say.
+    that peftkit does not load (a prediction head), for ``peftkit inspect`` to say. ``name``: the adapter's
+    name as the folder gives it, which ``load_adapter`` uses when given none.
     """
 
     format: str
@@ -47,6 +48,7 @@ class ForeignAdapter:
     config: PeftConfig | None = None
     tensors: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    name: str | None = None
 
 
 def is_peft_folder(folder: Path) -> bool:

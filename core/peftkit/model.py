@@ -165,7 +165,7 @@ class PeftModel(nn.Module):
         (:mod:`peftkit.composition`: ``Stack("a", "b")``, ``Average(...)``, ``BatchSplit(...)``, ...)."""
         block = adapter_name if isinstance(adapter_name, CompositionBlock) else None
         if block is not None:
-            names = block.flatten()
+            names = block.flatten() + self._fusions_of(block)
         else:
             names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
@@ -187,6 +187,22 @@ class PeftModel(nn.Module):
             layer.active_composition = block
         self._note_answering()
         self._update_trainable()
+
+    def _fusions_of(self, block: CompositionBlock) -> list[str]:
+        """The adapters that the ``Fuse`` blocks in ``block`` run: each the fusion adapter named as the block
+        (``Fuse("a", "b")``: ``"a,b"``, AdapterHub's name)."""
+        from peftkit.composition import fuse_blocks
+
+        names = []
+        for fuse in fuse_blocks(block):
+            if fuse.name not in self.peft_config:
+                raise AdapterNameError(
+                    f"{fuse!r} runs the fusion adapter {fuse.name!r}, and this model has none by that name; add "
+                    "it first (peftkit-bottleneck: model.add_adapter_fusion([...]) or load_adapter(fusion folder)). "
+                    f"Adapters: {sorted(self.peft_config)}"
+                )
+            names.append(fuse.name)
+        return list(dict.fromkeys(names))
 
     def _check_composition(self, block: CompositionBlock) -> None:
         from peftkit.composition import enclosing_blocks, validate
@@ -258,9 +274,16 @@ class PeftModel(nn.Module):
 
     # --- freezing ---------------------------------------------------------------------------------
     def _update_trainable(self) -> None:
+        """The active adapters train, except those a ``Fuse`` fuses: there only the fusion trains, as in
+        AdapterHub's ``train_adapter_fusion``."""
+        from peftkit.composition import fuse_blocks
+
         for param in self.parameters():
             param.requires_grad_(False)
+        fused = {name for fuse in fuse_blocks(self.active_composition) for name in fuse.flatten()}
         for name in self.active_adapters:
+            if name in fused:
+                continue
             config = self.peft_config[name]
             if config.inference_mode:
                 continue
@@ -453,7 +476,9 @@ class PeftModel(nn.Module):
         from peftkit.mixed_batch import BASE, ROW_WISE_FAMILIES, rows_using
 
         if isinstance(adapter_names, str) or not adapter_names:
-            raise ValueError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
+            raise ValueError(
+                f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}"
+            )
         self._check_known([name for name in adapter_names if name != BASE])
         for name in dict.fromkeys(adapter_names):
             spec = self._method(name) if name != BASE else None
@@ -464,7 +489,9 @@ class PeftModel(nn.Module):
                 )
         layers, layouts = self._layers_for_mixed_batches()
         heads = [layer for layer in layers if isinstance(layer, ModulesToSaveWrapper)]
-        with_heads = [name for name in dict.fromkeys(adapter_names) if any(head.holds(name) for head in heads)]
+        with_heads = [
+            name for name in dict.fromkeys(adapter_names) if any(head.holds(name) for head in heads)
+        ]
         if with_heads:
             raise ValueError(
                 f"adapter {with_heads[0]!r} has modules_to_save, whose trained copies cannot differ from row to "
@@ -477,7 +504,9 @@ class PeftModel(nn.Module):
                 "see them; call unmerge_adapter() first"
             )
         if self._adapters_disabled:
-            raise ValueError("adapter_names cannot be used inside disable_adapter(); name rows '__base__' instead")
+            raise ValueError(
+                "adapter_names cannot be used inside disable_adapter(); name rows '__base__' instead"
+            )
         return rows_using(layers, adapter_names, layouts)
 
     @_not_traced(
@@ -759,13 +788,15 @@ class PeftModel(nn.Module):
     def load_adapter(
         self,
         model_id: str | Path,
-        adapter_name: str,
+        adapter_name: str | None = None,
         is_trainable: bool = False,
         subfolder: str | None = None,
         hotswap: bool = False,
         **_: Any,
-    ) -> None:
+    ) -> str:
         """Load another saved adapter under ``adapter_name``; like :meth:`add_adapter`, it is not activated.
+        Returns its name. ``adapter_name`` may be left out for a folder in a format that names the adapter
+        (AdapterHub's: an AdapterFusion folder loads under its fusion's name, ``"a,b"``).
 
         With ``hotswap=True``, ``adapter_name`` is an adapter this model already has, and the saved one's
         weights replace its weights in place (see :func:`peftkit.hotswap_adapter`): no module is created,
@@ -773,19 +804,33 @@ class PeftModel(nn.Module):
         """
         folder = Path(model_id, subfolder) if subfolder else Path(model_id)
         if hotswap:
-            swap_adapter(self, folder, adapter_name)
+            swap_adapter(self, folder, self._name_to_load(adapter_name, None))
             self.peft_config[adapter_name].inference_mode = not is_trainable
             self._update_trainable()
-            return
+            return adapter_name
         foreign = read_foreign_adapter(folder, self.base_model.model)
         if foreign is not None:  # another library's folder, read by the plugin that knows its format
             config, tensors = foreign.config, foreign.tensors
         else:
             config, tensors = load_config(folder), serialization.read_tensors(folder)
+        adapter_name = self._name_to_load(adapter_name, foreign)
         config.inference_mode = not is_trainable
         self.add_adapter_from_tensors(adapter_name, config, tensors)
+        return adapter_name
 
-    def add_adapter_from_tensors(self, adapter_name: str, config: PeftConfig, tensors: dict[str, Any]) -> None:
+    @staticmethod
+    def _name_to_load(adapter_name: str | None, foreign: Any) -> str:
+        if adapter_name is not None:
+            return adapter_name
+        if foreign is not None and foreign.name:
+            return foreign.name
+        raise AdapterNameError(
+            "load_adapter needs adapter_name=: the name the loaded adapter takes on this model"
+        )
+
+    def add_adapter_from_tensors(
+        self, adapter_name: str, config: PeftConfig, tensors: dict[str, Any]
+    ) -> None:
         """Add an adapter from its config and its saved tensors (keyed as in ``adapter_model.safetensors``);
         like :meth:`load_adapter`, it is not activated. Tensors that do not fit leave no adapter behind."""
         self.add_adapter(adapter_name, config)

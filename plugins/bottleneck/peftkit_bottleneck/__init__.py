@@ -11,12 +11,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from peftkit_bottleneck.config import BottleneckConfig
+from peftkit_bottleneck.fusion_config import AdapterFusionConfig
 
 if TYPE_CHECKING:
     from peftkit_bottleneck.layer import BottleneckLayer
 
-__version__ = "0.2.0"
-__all__ = ["BottleneckConfig", "BottleneckLayer", "__version__"]
+__version__ = "0.3.0"
+__all__ = ["AdapterFusionConfig", "BottleneckConfig", "BottleneckLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.
 _LAZY = {"BottleneckLayer": "peftkit_bottleneck.layer"}

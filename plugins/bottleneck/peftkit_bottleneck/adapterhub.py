@@ -1,5 +1,6 @@
 """AdapterHub's adapter folders, read and written: what ``adapters``' ``save_adapter`` writes and
-``load_adapter`` reads, for one bottleneck adapter.
+``load_adapter`` reads, for one bottleneck adapter; and its AdapterFusion folders (``save_adapter_fusion``,
+``load_adapter_fusion``).
 
 A folder holds ``adapter_config.json`` (``{"config": {...BnConfig...}, "name", "model_type", "hidden_size",
 "model_class", "model_name", "version"}``) and the tensors in ``pytorch_adapter.bin`` (a pickle, read here
@@ -10,6 +11,11 @@ only with ``torch.load(..., weights_only=True)``) or ``adapter.safetensors``; ``
 is where AdapterHub keeps the adapters after the attention or the feed-forward block (:data:`LOCATIONS`).
 Tensors are matched to peftkit's blocks by layer index and location, so the model class that saved them
 (``BertModel`` or ``BertForSequenceClassification``) does not matter.
+
+A fusion folder holds ``adapter_fusion_config.json`` (``{"config": {...fusion options...}, "adapter_names",
+"name", ...}``) and ``pytorch_model_adapter_fusion.bin`` (or ``model_adapter_fusion.safetensors``), keyed
+``<layer>.<location>.adapter_fusion_layer.<fusion name>.<query|key|value>.<weight|bias>``. It loads onto a
+model that already holds the fused adapters, as in AdapterHub.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ WEIGHTS_NAME = "pytorch_adapter.bin"
 SAFE_WEIGHTS_NAME = "adapter.safetensors"
 HEAD_FILES = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors")
 FUSION_CONFIG_NAME = "adapter_fusion_config.json"
+FUSION_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
+FUSION_SAFE_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
 
 _BERT = {"attention_modules": "attention.output", "feedforward_modules": "output"}
 _DECODER = {"attention_modules": "attention_adapters", "feedforward_modules": "output_adapters"}
@@ -60,6 +68,9 @@ TENSOR_NAMES = {
 _SOURCE_KEY = re.compile(
     r"^(?P<layer>.*?\.(?P<index>\d+))\.(?P<location>.+)\.adapters\.(?P<name>[^.]+)\.(?P<tensor>.+)$"
 )
+_FUSION_KEY = re.compile(
+    r"^(?P<layer>.*?\.(?P<index>\d+))\.(?P<location>.+)\.adapter_fusion_layer\.(?P<name>[^.]+)\.(?P<tensor>.+)$"
+)
 _LAYER = re.compile(r"^(?P<layer>.*?\.(?P<index>\d+))(?:\.|$)")
 
 
@@ -82,10 +93,7 @@ def source_config(folder: Path) -> dict[str, Any] | None:
 def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
     """An AdapterHub bottleneck adapter folder; None for a folder that is none (another method's too)."""
     if (folder / FUSION_CONFIG_NAME).is_file():
-        raise AdapterLoadError(
-            f"{str(folder)!r} holds an AdapterHub AdapterFusion layer ({FUSION_CONFIG_NAME}); peftkit does not "
-            "read AdapterFusion yet. Load each fused adapter's own folder instead"
-        )
+        return read_fusion(folder, model)
     data = source_config(folder)
     if data is None or not adapterhub_config.is_bottleneck(data["config"]):
         return None
@@ -101,6 +109,7 @@ def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
             for name in HEAD_FILES
             if (folder / name).is_file()
         ],
+        name=data["name"],
     )
     if model is not None:
         adapter.config = adapterhub_config.from_adapterhub(data["config"], repr(str(folder / CONFIG_NAME)))
@@ -108,21 +117,23 @@ def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
     return adapter
 
 
-def read_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def read_tensors(
+    folder: Path, safe_name: str = SAFE_WEIGHTS_NAME, legacy_name: str = WEIGHTS_NAME
+) -> tuple[Path, dict[str, torch.Tensor]]:
     """``adapter.safetensors``, else ``pytorch_adapter.bin`` read without executing code (weights_only)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    safe = folder / SAFE_WEIGHTS_NAME
+    safe = folder / safe_name
     if safe.is_file():
         try:
             return safe, load_file(str(safe))
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterLoadError(f"{str(safe)!r} is not a readable safetensors file ({exc})") from exc
-    legacy = folder / WEIGHTS_NAME
+    legacy = folder / legacy_name
     if not legacy.is_file():
         raise AdapterLoadError(
-            f"{str(folder)!r} has AdapterHub's {CONFIG_NAME} but neither {WEIGHTS_NAME} nor {SAFE_WEIGHTS_NAME}"
+            f"{str(folder)!r} has AdapterHub's config but neither {legacy_name} nor {safe_name}"
         )
     try:
         return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
@@ -189,14 +200,82 @@ def _blocks(model: nn.Module, config: BottleneckConfig) -> list[tuple[int, str, 
     return blocks
 
 
+def read_fusion(folder: Path, model: nn.Module | None) -> ForeignAdapter:
+    """An AdapterHub AdapterFusion folder, as an ``adapter_fusion`` adapter named as AdapterHub named it."""
+    from peftkit_bottleneck.fusion_config import AdapterFusionConfig
+
+    where = repr(str(folder / FUSION_CONFIG_NAME))
+    try:
+        data = json.loads((folder / FUSION_CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise AdapterLoadError(f"{where} is not readable JSON ({exc})") from exc
+    if not (isinstance(data, dict) and isinstance(data.get("config"), dict) and data.get("adapter_names")):
+        raise AdapterLoadError(f"{where} has no AdapterFusion 'config' and 'adapter_names'")
+    file, tensors = read_tensors(folder, FUSION_SAFE_WEIGHTS_NAME, FUSION_WEIGHTS_NAME)
+    fused = list(data["adapter_names"])
+    adapter = ForeignAdapter(
+        format=FORMAT,
+        method="adapter_fusion",
+        file=file,
+        source_config=data,
+        source_tensors=tensors,
+        name=data.get("name") or ",".join(fused),
+    )
+    if model is not None:
+        try:
+            adapter.config = AdapterFusionConfig.from_options(fused, data["config"])
+        except (ValueError, ConfigError) as exc:
+            raise AdapterLoadError(f"{where}: {exc}") from exc
+        blocks = {place: path for path, place in _fusion_blocks(model, fused)}
+        adapter.tensors = {}
+        for key, tensor in tensors.items():
+            match = _FUSION_KEY.match(key)
+            if match is None:
+                raise AdapterLoadError(f"{repr(str(file))} holds {key!r}, which is no fusion layer's tensor")
+            path = blocks.get((int(match["index"]), match["location"]))
+            if path is None:
+                raise AdapterLoadError(
+                    f"{repr(str(file))} holds {key!r}, for layer {match['index']}'s {match['location']!r} block, "
+                    f"where this model holds not all of {fused}; load the fused adapters before their fusion"
+                )
+            adapter.tensors[f"base_model.model.{path}.adapter_fusion.{match['tensor']}"] = tensor
+    return adapter
+
+
+def _fusion_blocks(model: nn.Module, fused: list[str]) -> list[tuple[str, tuple[int, str]]]:
+    """``(peftkit module path, (layer index, AdapterHub location))`` of each block holding every fused adapter."""
+    from peftkit_bottleneck.layer import BottleneckLayer
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LOCATIONS:
+        raise AdapterLoadError(
+            f"peftkit-bottleneck knows AdapterHub's adapter locations for model types "
+            f"{', '.join(sorted(LOCATIONS))} only; {type(model).__name__} is model_type {model_type!r}"
+        )
+    blocks = []
+    for path, module in model.named_modules():
+        if isinstance(module, BottleneckLayer) and all(name in module.placement for name in fused):
+            path = logical_path(path)
+            layer = _LAYER.match(path)
+            kind = module.block_kind.get(fused[0])
+            if layer is None or kind not in LOCATIONS[model_type]:
+                raise AdapterLoadError(
+                    f"peftkit-bottleneck cannot tell which AdapterHub location {path!r} is"
+                )
+            blocks.append((path, (int(layer["index"]), LOCATIONS[model_type][kind])))
+    if not blocks:
+        raise AdapterLoadError(
+            f"this {type(model).__name__} holds the adapters {fused} together in no block; load the fused "
+            "adapters (AdapterHub folders or peftkit ones) before their fusion"
+        )
+    return blocks
+
+
 # --- writing ---------------------------------------------------------------------------------------------
 def save(peft_model: Any, config: BottleneckConfig, adapter_name: str, folder: Path) -> None:
     """Write the adapter as AdapterHub's ``save_adapter`` does: config, ``pytorch_adapter.bin`` (what
     ``load_adapter`` reads by default) and ``adapter.safetensors`` (what it reads with use_safetensors=True)."""
     from peftkit.serialization import adapter_state_dict
-    from safetensors.torch import save_file
-
-    from peftkit_bottleneck import __version__
 
     model = peft_model.base_model.model
     source_config = adapterhub_config.to_adapterhub(config, adapter_name)
@@ -215,16 +294,63 @@ def save(peft_model: Any, config: BottleneckConfig, adapter_name: str, folder: P
             tensors[f"{layer}.{location}.adapters.{adapter_name}.{theirs}"] = (
                 tensor.detach().cpu().contiguous().clone()
             )
+    _write(folder, source_config, adapter_name, model, tensors, CONFIG_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME)
+
+
+def save_fusion(peft_model: Any, config: Any, adapter_name: str, folder: Path) -> None:
+    """Write a fusion as AdapterHub's ``save_adapter_fusion`` does."""
+    from peftkit.serialization import adapter_state_dict
+
+    model = peft_model.base_model.model
+    state = adapter_state_dict(peft_model, adapter_name)
+    tensors = {}
+    for path, (_, location) in _fusion_blocks(model, config.adapter_names):
+        layer = _LAYER.match(path)["layer"]
+        prefix = f"base_model.model.{path}.adapter_fusion."
+        for key, tensor in state.items():
+            if key.startswith(prefix):
+                theirs = f"{layer}.{location}.adapter_fusion_layer.{adapter_name}.{key[len(prefix) :]}"
+                tensors[theirs] = tensor.detach().cpu().contiguous().clone()
+    extra = {"adapter_names": list(config.adapter_names)}
+    _write(
+        folder,
+        config.options(),
+        adapter_name,
+        model,
+        tensors,
+        FUSION_CONFIG_NAME,
+        FUSION_WEIGHTS_NAME,
+        FUSION_SAFE_WEIGHTS_NAME,
+        extra,
+    )
+
+
+def _write(
+    folder: Path,
+    source_config: dict[str, Any],
+    name: str,
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    config_name: str,
+    weights_name: str,
+    safe_weights_name: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    from safetensors.torch import save_file
+
+    from peftkit_bottleneck import __version__
+
     model_config = model.config
     data = {
+        **(extra or {}),
         "config": source_config,
         "hidden_size": model_config.hidden_size,
         "model_class": type(model).__name__,
         "model_name": getattr(model_config, "_name_or_path", "") or "",
         "model_type": model_config.model_type,
-        "name": adapter_name,
+        "name": name,
         "version": f"peftkit-bottleneck.{__version__}",
     }
-    (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    torch.save(tensors, folder / WEIGHTS_NAME)
-    save_file(tensors, str(folder / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / config_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    torch.save(tensors, folder / weights_name)
+    save_file(tensors, str(folder / safe_weights_name), metadata={"format": "pt"})

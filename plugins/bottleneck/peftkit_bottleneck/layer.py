@@ -13,15 +13,25 @@ placement at this block ``f``:
   AdapterHub's ``original_ln_before=True``.
 
 With ``up`` zero (the ``mam_adapter`` init) ``a`` is zero, so a new adapter leaves ``f`` unchanged.
+
+Under a composition block (:mod:`peftkit.composition`) the adapters act on one state, as in AdapterHub:
+``f(x)`` for ``after``, the residual input ``r`` for ``beside_residual``, the residual sum ``s`` for
+``around_norm`` (then ``f`` of the result), ``f(x)`` read beside ``x`` for ``beside``. One adapter's step adds
+its output to the state (``s ↦ s + a(f(s))`` around a norm), so ``Stack`` applies them in turn and
+``Average`` weighs the states. ``Fuse`` adds an AdapterFusion layer's attention over the fused adapters'
+outputs (:mod:`peftkit_bottleneck.fusion`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import torch
 from peftkit import AdapterLayer
+from peftkit.composition import BLOCK_NAMES, Child, CompositionBlock, Fuse, Stack, compose, fuse_blocks
+from peftkit.errors import ConfigError
 from peftkit.layer_access import LINEAR, LayerFeatures
 from torch import nn
 
@@ -50,9 +60,19 @@ def bottleneck_size(config: Any, d_in: int) -> int:
 class BottleneckLayer(AdapterLayer):
     """A block with bottleneck adapters; ``features`` gives the sizes the block reads and writes."""
 
-    adapter_tensor_names = ("adapter_down", "adapter_up")
-    adapter_state_names = ("adapter_act", "adapter_dropout", "placement", "scaling")
+    # adapter_fusion: AdapterFusion layers (peftkit_bottleneck.fusion), each an adapter of its own
+    adapter_tensor_names = ("adapter_down", "adapter_up", "adapter_fusion")
+    adapter_state_names = (
+        "adapter_act",
+        "adapter_dropout",
+        "placement",
+        "scaling",
+        "reads_sum",
+        "block_kind",
+        "fusion_options",
+    )
     supported_kinds = (LINEAR,)
+    composition_blocks = BLOCK_NAMES
 
     def __init__(self, base_layer: nn.Module, features: LayerFeatures) -> None:
         super().__init__(base_layer, features)
@@ -60,10 +80,24 @@ class BottleneckLayer(AdapterLayer):
         self.adapter_up = nn.ModuleDict()
         self.adapter_act = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
+        self.adapter_fusion = nn.ModuleDict()
         self.placement: dict[str, str] = {}
         self.scaling: dict[str, float] = {}
+        # original_ln_before: the adapter reads the block's output once joined to the residual stream
+        self.reads_sum: dict[str, bool] = {}
+        self.block_kind: dict[str, str | None] = {}
+        self.fusion_options: dict[str, dict[str, bool]] = {}
 
-    def update_layer(self, adapter_name: str, config: Any, module_name: str, placement: str = AFTER) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: Any,
+        module_name: str,
+        placement: str = AFTER,
+        block: str | None = None,
+    ) -> None:
+        """``block``: the config field that chose this block (``"attention_modules"``, ``"feedforward_modules"``
+        or ``"cross_adapter"``), by which AdapterHub's files name its place."""
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         d_out = self.features.out_features
@@ -75,6 +109,8 @@ class BottleneckLayer(AdapterLayer):
         self.adapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.placement[adapter_name] = placement
         self.scaling[adapter_name] = config.scaling
+        self.reads_sum[adapter_name] = bool(config.reads_normalized_sum)
+        self.block_kind[adapter_name] = block
         self._init(adapter_name, config.init_weights)
         self._move_to_base(self.adapter_down[adapter_name], self.adapter_up[adapter_name])
 
@@ -93,16 +129,30 @@ class BottleneckLayer(AdapterLayer):
             for weight in (down.weight, up.weight):
                 nn.init.trunc_normal_(weight, std=1e-2, a=-2e-2, b=2e-2)
 
+    def add_fusion(self, fusion_name: str, config: Any, dropout_prob: float) -> None:
+        """An AdapterFusion layer over adapters this block holds (:mod:`peftkit_bottleneck.fusion`)."""
+        from peftkit_bottleneck.fusion import FusionLayer
+
+        self.adapter_fusion[fusion_name] = FusionLayer(config, self.features.out_features, dropout_prob)
+        self.fusion_options[fusion_name] = config.options()
+        self._move_to_base(self.adapter_fusion[fusion_name])
+
     def adapter_delta(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
         """``dropout(scaling · up(act(down(h))))``, computed in the adapter's dtype and cast back to h's."""
+        return self.adapter_dropout[adapter_name](self._scaled_up(adapter_name, h)).to(h.dtype)
+
+    def _scaled_up(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
+        """``scaling · up(act(down(h)))`` in the adapter's dtype: what a fusion attends over (undropped)."""
         down, up = self.adapter_down[adapter_name], self.adapter_up[adapter_name]
         z = self.adapter_act[adapter_name](down(h.to(down.weight.dtype)))
-        return self.adapter_dropout[adapter_name](up(z) * self.scaling[adapter_name]).to(h.dtype)
+        return up(z) * self.scaling[adapter_name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # blocks are called positionally (an MLP) or by keyword (Llama's self_attn(hidden_states=...)):
         # take the arguments as they come and find the block's input only when an adapter reads it
-        pending = [] if self.disabled else self.active_adapters
+        if self.active_composition is not None and not self.disabled:
+            return self._composed_forward(self.active_composition, args, kwargs)
+        pending = [] if self.disabled else [name for name in self.active_adapters if name in self.placement]
         residual_names = [name for name in pending if self.placement[name] == BESIDE_RESIDUAL]
         if residual_names:
             args, kwargs = self._with_adapted_residual(residual_names, args, kwargs)
@@ -138,33 +188,167 @@ class BottleneckLayer(AdapterLayer):
         self, adapter_names: list[str], normed: torch.Tensor, args: tuple, kwargs: dict[str, Any]
     ) -> Any:
         """The norm ``f`` once more, of its input ``s`` plus every adapter's output on ``f(s)``."""
-        s = self._block_input(args, kwargs)
-        adapted = s
+        adapted = self._block_input(args, kwargs)
         for name in adapter_names:
             adapted = adapted + self.adapter_delta(name, normed)
-        if args:
-            return self.base_layer(adapted, *args[1:], **kwargs)
-        return self.base_layer(*args, **{**kwargs, "hidden_states": adapted})
+        return self._call_with_input(args, kwargs, adapted)
 
     def _with_adapted_residual(
         self, adapter_names: list[str], args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]]:
         """The block's residual input r (its second argument, ``input_tensor``) replaced by ``r + Σ a(r)``."""
-        if len(args) > 1:
-            residual = args[1]
-        elif "input_tensor" in kwargs:
-            residual = kwargs["input_tensor"]
-        else:
-            raise TypeError(
-                f"{type(self.base_layer).__name__} was called without the residual input that a parallel "
-                "bottleneck adapter reads (its second argument, input_tensor)"
-            )
+        residual = self._residual_input(args, kwargs)
         adapted = residual
         for name in adapter_names:
             adapted = adapted + self.adapter_delta(name, residual)
+        return self._with_residual(args, kwargs, adapted)
+
+    def _residual_input(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         if len(args) > 1:
-            return (args[0], adapted, *args[2:]), kwargs
-        return args, {**kwargs, "input_tensor": adapted}
+            return args[1]
+        if "input_tensor" in kwargs:
+            return kwargs["input_tensor"]
+        raise TypeError(
+            f"{type(self.base_layer).__name__} was called without the residual input that a parallel "
+            "bottleneck adapter reads (its second argument, input_tensor)"
+        )
+
+    @staticmethod
+    def _with_residual(
+        args: tuple, kwargs: dict[str, Any], residual: torch.Tensor
+    ) -> tuple[tuple, dict[str, Any]]:
+        if len(args) > 1:
+            return (args[0], residual, *args[2:]), kwargs
+        return args, {**kwargs, "input_tensor": residual}
+
+    def _call_with_input(self, args: tuple, kwargs: dict[str, Any], x: torch.Tensor) -> Any:
+        """The block called as it was, with ``x`` for its input."""
+        if args:
+            return self.base_layer(x, *args[1:], **kwargs)
+        return self.base_layer(*args, **{**kwargs, "hidden_states": x})
+
+    # --- composition blocks -------------------------------------------------------------------------------
+    def check_composition(self, block: Child) -> None:
+        held = [name for name in _names(block) if name in self.placement]
+        placements = {self.placement[name] for name in held}
+        if len(placements) > 1:
+            raise ConfigError(
+                f"bottleneck adapters {held} sit in one block with different placements ({sorted(placements)}), "
+                "which one composition cannot combine; compose adapters of one style"
+            )
+        if placements & {BESIDE, BESIDE_RESIDUAL}:
+            if any(
+                sum(1 for child in stack if set(_names(child)) & set(held)) > 1 for stack in _stacks(block)
+            ):
+                raise ConfigError(
+                    f"Stack over parallel bottleneck adapters ({held}): each reads the block's input, not the "
+                    "one before's output, so stacking has no meaning for them (AdapterHub 1.3 keeps only the "
+                    "last part's output); use Average, or set_adapter([...]) to add them up"
+                )
+            if fuse_blocks(block):
+                raise ConfigError(
+                    f"Fuse of parallel bottleneck adapters ({held}) is not supported: AdapterHub 1.3 adds the "
+                    "residual twice there; fuse sequential (houlsby or pfeiffer) adapters"
+                )
+        for fuse in fuse_blocks(block):
+            self._check_fuse(fuse)
+
+    def _check_fuse(self, fuse: Fuse) -> None:
+        held = [name for name in _names(fuse) if name in self.placement]
+        if not held:
+            return
+        if fuse.name not in self.adapter_fusion:
+            raise ConfigError(
+                f"{fuse!r}: this block holds {held} but no fusion {fuse.name!r}; a fusion layer sits in the blocks "
+                "where every fused adapter has one (add the fusion after the adapters)"
+            )
+        if any(not isinstance(child, str) and not all(isinstance(n, str) for n in child) for child in fuse):
+            raise ConfigError(f"{fuse!r}: inside Fuse, a Stack may hold adapter names only")
+        options = self.fusion_options[fuse.name]
+        if self.reads_sum[held[0]]:
+            for option in ("query_before_ln", "residual_before"):
+                if options[option]:
+                    raise ConfigError(
+                        f"fusion {fuse.name!r} has {option}=True, which reads the block's output before it joins "
+                        "the residual stream; adapters with original_ln_before=True (the pfeiffer default) see "
+                        f"only the sum. Use {option}=False, or adapters with original_ln_before=False"
+                    )
+
+    def _composed_forward(self, block: Child, args: tuple, kwargs: dict[str, Any]) -> Any:
+        held = [name for name in _names(block) if name in self.placement]
+        if not held:
+            return self.base_layer(*args, **kwargs)
+        placement = self.placement[held[0]]
+        if placement == BESIDE_RESIDUAL:
+            residual = self._residual_input(args, kwargs)
+            (adapted,) = compose(block, (residual,), self._add_outputs_of(lambda r: r), where=self._where)
+            args, kwargs = self._with_residual(args, kwargs, adapted)
+            return self.base_layer(*args, **kwargs)
+        if placement == AROUND_NORM:
+            norm = functools.partial(self._call_with_input, args, kwargs)
+            step = self._add_outputs_of(norm)
+            state = (self._block_input(args, kwargs),)
+            (adapted,) = compose(block, state, step, fuse=self._fuser(norm, step), where=self._where)
+            return norm(adapted)
+        result = self.base_layer(*args, **kwargs)
+        h = result[0] if isinstance(result, tuple) else result
+        if placement == AFTER:
+            step = self._add_outputs_of(lambda state: state)
+            (out,) = compose(
+                block, (h,), step, fuse=self._fuser(lambda state: state, step), where=self._where
+            )
+        else:  # BESIDE: each adapter reads the block's input
+            out = compose(
+                block, (self._block_input(args, kwargs), h), self._add_outputs_beside, where=self._where
+            )[-1]
+        return (out, *result[1:]) if isinstance(result, tuple) else out
+
+    @property
+    def _where(self) -> str:
+        return f"a bottleneck block ({type(self.base_layer).__name__})"
+
+    def _add_outputs_of(self, reads: Any) -> Any:
+        """Sequential composition's step: the state plus each held adapter's output on ``reads(state)``."""
+
+        def step(names: list[str], state: tuple) -> tuple:
+            (current,) = state
+            for name in names:
+                if name in self.placement:
+                    current = current + self.adapter_delta(name, reads(current))
+            return (current,)
+
+        return step
+
+    def _add_outputs_beside(self, names: list[str], state: tuple) -> tuple:
+        inputs, out = state
+        for name in names:
+            if name in self.placement:
+                out = out + self.adapter_delta(name, inputs)
+        return inputs, out
+
+    def _fuser(self, reads: Any, step: Any) -> Any:
+        """``Fuse`` here: the fusion's attention over each child's output on ``reads(state)``, added to the
+        state; a child ``Stack`` runs its adapters but the last in turn, and the last one's output is fused."""
+
+        def fuse(node: Fuse, state: tuple) -> tuple:
+            (current,) = state
+            if not any(name in self.placement for name in _names(node)):
+                return state
+            read = reads(current)
+            outputs = []
+            for child in node.children:
+                names = [child] if isinstance(child, str) else list(child.children)
+                if len(names) > 1:
+                    outputs.append(self._scaled_up(names[-1], reads(step(names[:-1], (current,))[0])))
+                else:
+                    outputs.append(self._scaled_up(names[0], read))
+            dtype = outputs[0].dtype
+            fused = self.adapter_fusion[node.name](
+                read.to(dtype), torch.stack(outputs, dim=-2), current.to(dtype)
+            )
+            return (fused.to(current.dtype),)
+
+        return fuse
 
     def __getattr__(self, name: str) -> Any:
         # a wrapped decoder layer keeps its attributes (transformers reads layer.attention_type)
@@ -178,3 +362,14 @@ class BottleneckLayer(AdapterLayer):
     def extra_repr(self) -> str:
         placements = {name: self.placement[name] for name in self.adapter_names}
         return f"{super().extra_repr()}, placement={placements}"
+
+
+def _names(block: Child) -> list[str]:
+    return [block] if isinstance(block, str) else block.flatten()
+
+
+def _stacks(block: Child) -> list[Stack]:
+    if not isinstance(block, CompositionBlock):
+        return []
+    own = [block] if isinstance(block, Stack) else []
+    return own + [stack for child in block.children for stack in _stacks(child)]

@@ -93,7 +93,9 @@ LAYOUTS: dict[str, Layout] = {
 def add_adapters(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> None:
     """Wrap every block the config's style adapts in ``model`` and add the adapter there."""
     planned = []
-    for path, placement in insertion_points(model, config):  # every check first: a failure wraps nothing
+    for path, placement, what in located_insertion_points(
+        model, config
+    ):  # every check first: a failure wraps nothing
         module = model.get_submodule(path)
         features = (
             module.features if isinstance(module, BottleneckLayer) else block_features(model, path, module)
@@ -101,13 +103,13 @@ def add_adapters(model: nn.Module, config: BottleneckConfig, adapter_name: str) 
         _check_bottleneck(
             config, path, features.out_features if placement in READS_OUTPUT else features.in_features
         )
-        planned.append((path, placement, module, features))
-    for path, placement, module, features in planned:
+        planned.append((path, placement, what, module, features))
+    for path, placement, what, module, features in planned:
         training = module.training
         if not isinstance(module, BottleneckLayer):
             module = BottleneckLayer(module, features)
             model.set_submodule(path, module)
-        module.update_layer(adapter_name, config, path, placement=placement)
+        module.update_layer(adapter_name, config, path, placement=placement, block=what)
         # new submodules (dropout) start in training mode: give them the mode of the block they adapt
         module.train(training)
 

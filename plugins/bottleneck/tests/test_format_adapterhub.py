@@ -105,12 +105,18 @@ def test_an_adapterhub_option_peftkit_cannot_represent_is_a_clear_error(tmp_path
     )
 
 
-def test_an_adapterfusion_folder_is_refused_as_not_supported_yet(tmp_path):
-    saved_for_adapterhub(tmp_path)
+def test_an_adapterfusion_folder_needs_its_fused_adapters_loaded_first(tmp_path):
+    (tmp_path / "adapter_fusion_config.json").write_text(
+        json.dumps({"config": {"key": True}, "adapter_names": ["a", "b"], "name": "a,b"})
+    )
+    torch.save({}, tmp_path / "pytorch_model_adapter_fusion.bin")
+    with pytest.raises(AdapterLoadError, match=r"holds the adapters \['a', 'b'\] together in no block; load the"):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
+
+
+def test_an_adapterfusion_folder_without_its_adapter_names_is_refused(tmp_path):
     (tmp_path / "adapter_fusion_config.json").write_text(json.dumps({"config": {"key": True}, "name": "a,b"}))
-    with pytest.raises(
-        AdapterLoadError, match="holds an AdapterHub AdapterFusion layer .* peftkit does not read"
-    ):
+    with pytest.raises(AdapterLoadError, match="has no AdapterFusion 'config' and 'adapter_names'"):
         PeftModel.from_pretrained(tiny_bert(), tmp_path)
 
 
