@@ -281,6 +281,7 @@ def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
         source_config=data,
         source_tensors=tensors,
         notes=adapterhub_head_notes(folder) + init_note(source),
+        name=data["name"],
     )
     if model is None:  # peftkit inspect: what the folder holds, and why it would not load
         try:

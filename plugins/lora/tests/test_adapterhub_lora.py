@@ -185,6 +185,10 @@ def test_load_adapter_adds_an_adapterhub_lora_beside_other_adapters(tmp_path):
     model.load_adapter(tmp_path, "hub")
     model.set_adapter("hub")
     assert relative_difference(outputs(model), outputs(reference_model)) < TOLERANCE
+    # without a name, the adapter takes the one AdapterHub saved it under
+    assert model.load_adapter(tmp_path) == "task"
+    model.set_adapter("task")
+    assert relative_difference(outputs(model), outputs(reference_model)) < TOLERANCE
 
 
 def test_an_adapter_saved_from_the_bare_encoder_loads_onto_a_classifier(tmp_path):
