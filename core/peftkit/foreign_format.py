@@ -111,26 +111,30 @@ def adapterhub_head_notes(folder: Path) -> list[str]:
     ]
 
 
-def read_adapterhub_tensors(folder: Path) -> tuple[Path, dict[str, Any]]:
+def read_adapterhub_tensors(
+    folder: Path,
+    safe_name: str = ADAPTERHUB_SAFE_WEIGHTS_NAME,
+    legacy_name: str = ADAPTERHUB_WEIGHTS_NAME,
+) -> tuple[Path, dict[str, Any]]:
     """The file read and its tensors: ``adapter.safetensors``, else ``pytorch_adapter.bin`` read without
-    executing code (``weights_only=True``); :class:`peftkit.AdapterLoadError` naming the file otherwise."""
+    executing code (``weights_only=True``); :class:`peftkit.AdapterLoadError` naming the file otherwise.
+    Other files of AdapterHub's layout (an AdapterFusion's) are named by ``safe_name`` and ``legacy_name``."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from peftkit.errors import AdapterLoadError
 
-    safe = folder / ADAPTERHUB_SAFE_WEIGHTS_NAME
+    safe = folder / safe_name
     if safe.is_file():
         try:
             return safe, load_file(str(safe))
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterLoadError(f"{str(safe)!r} is not a readable safetensors file ({exc})") from exc
-    legacy = folder / ADAPTERHUB_WEIGHTS_NAME
+    legacy = folder / legacy_name
     if not legacy.is_file():
         raise AdapterLoadError(
-            f"{str(folder)!r} has AdapterHub's {CONFIG_NAME} but neither {ADAPTERHUB_WEIGHTS_NAME} nor "
-            f"{ADAPTERHUB_SAFE_WEIGHTS_NAME}"
+            f"{str(folder)!r} has AdapterHub's config but neither {legacy_name} nor {safe_name}"
         )
     try:
         return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
@@ -141,14 +145,40 @@ def read_adapterhub_tensors(folder: Path) -> tuple[Path, dict[str, Any]]:
         ) from exc
 
 
-def write_adapterhub_files(folder: Path, data: dict[str, Any], tensors: dict[str, Any]) -> None:
+def adapterhub_folder_data(
+    model: nn.Module, config: dict[str, Any], name: str, version: str, **extra: Any
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` AdapterHub writes beside an adapter (or, with ``adapter_names`` in
+    ``extra``, a fusion): the method's ``config`` and what it says of the model. ``version``: the writer's
+    (``"peftkit-lora.0.7.0"``)."""
+    model_config = model.config
+    return {
+        **extra,
+        "config": config,
+        "hidden_size": model_config.hidden_size,
+        "model_class": type(model).__name__,
+        "model_name": getattr(model_config, "_name_or_path", "") or "",
+        "model_type": model_config.model_type,
+        "name": name,
+        "version": version,
+    }
+
+
+def write_adapterhub_files(
+    folder: Path,
+    data: dict[str, Any],
+    tensors: dict[str, Any],
+    config_name: str = CONFIG_NAME,
+    weights_name: str = ADAPTERHUB_WEIGHTS_NAME,
+    safe_name: str = ADAPTERHUB_SAFE_WEIGHTS_NAME,
+) -> None:
     """Write an AdapterHub folder as ``save_adapter`` does: ``adapter_config.json`` (``data``),
     ``pytorch_adapter.bin`` (what ``load_adapter`` reads by default) and ``adapter.safetensors`` (what it
-    reads with ``use_safetensors=True``)."""
+    reads with ``use_safetensors=True``); other names for other files of the layout (an AdapterFusion's)."""
     import torch
     from safetensors.torch import save_file
 
     ready = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in tensors.items()}
-    (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    torch.save(ready, folder / ADAPTERHUB_WEIGHTS_NAME)
-    save_file(ready, str(folder / ADAPTERHUB_SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+    (folder / config_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    torch.save(ready, folder / weights_name)
+    save_file(ready, str(folder / safe_name), metadata={"format": "pt"})

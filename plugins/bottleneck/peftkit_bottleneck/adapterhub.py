@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peftkit import foreign_format
 from peftkit.errors import AdapterLoadError, ConfigError
 from peftkit.foreign_format import ForeignAdapter
 from peftkit.injection import logical_path
@@ -35,11 +36,7 @@ from peftkit_bottleneck import adapterhub_config
 from peftkit_bottleneck.config import BottleneckConfig
 from peftkit_bottleneck.placement import located_insertion_points
 
-FORMAT = "adapterhub"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "pytorch_adapter.bin"
-SAFE_WEIGHTS_NAME = "adapter.safetensors"
-HEAD_FILES = ("head_config.json", "pytorch_model_head.bin", "model_head.safetensors")
+FORMAT = foreign_format.ADAPTERHUB_FORMAT
 FUSION_CONFIG_NAME = "adapter_fusion_config.json"
 FUSION_WEIGHTS_NAME = "pytorch_model_adapter_fusion.bin"
 FUSION_SAFE_WEIGHTS_NAME = "model_adapter_fusion.safetensors"
@@ -75,73 +72,29 @@ _LAYER = re.compile(r"^(?P<layer>.*?\.(?P<index>\d+))(?:\.|$)")
 
 
 # --- recognising and reading ----------------------------------------------------------------------------
-def source_config(folder: Path) -> dict[str, Any] | None:
-    """The folder's ``adapter_config.json`` if it is AdapterHub's (a ``"config"`` object beside the adapter's
-    ``"name"``); None otherwise."""
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return None
-    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "name" in data:
-        return data
-    return None
-
-
 def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
     """An AdapterHub bottleneck adapter folder; None for a folder that is none (another method's too)."""
     if (folder / FUSION_CONFIG_NAME).is_file():
         return read_fusion(folder, model)
-    data = source_config(folder)
+    data = foreign_format.adapterhub_config(folder)
     if data is None or not adapterhub_config.is_bottleneck(data["config"]):
         return None
-    file, tensors = read_tensors(folder)
+    file, tensors = foreign_format.read_adapterhub_tensors(folder)
     adapter = ForeignAdapter(
         format=FORMAT,
         method="bottleneck",
         file=file,
         source_config=data,
         source_tensors=tensors,
-        notes=[
-            f"{name}: a prediction head, which peftkit does not load"
-            for name in HEAD_FILES
-            if (folder / name).is_file()
-        ],
+        notes=foreign_format.adapterhub_head_notes(folder),
         name=data["name"],
     )
     if model is not None:
-        adapter.config = adapterhub_config.from_adapterhub(data["config"], repr(str(folder / CONFIG_NAME)))
+        adapter.config = adapterhub_config.from_adapterhub(
+            data["config"], repr(str(folder / foreign_format.CONFIG_NAME))
+        )
         adapter.tensors = peft_tensors(model, adapter.config, tensors, repr(str(file)))
     return adapter
-
-
-def read_tensors(
-    folder: Path, safe_name: str = SAFE_WEIGHTS_NAME, legacy_name: str = WEIGHTS_NAME
-) -> tuple[Path, dict[str, torch.Tensor]]:
-    """``adapter.safetensors``, else ``pytorch_adapter.bin`` read without executing code (weights_only)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    safe = folder / safe_name
-    if safe.is_file():
-        try:
-            return safe, load_file(str(safe))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterLoadError(f"{str(safe)!r} is not a readable safetensors file ({exc})") from exc
-    legacy = folder / legacy_name
-    if not legacy.is_file():
-        raise AdapterLoadError(
-            f"{str(folder)!r} has AdapterHub's config but neither {legacy_name} nor {safe_name}"
-        )
-    try:
-        return legacy, torch.load(legacy, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AdapterLoadError(
-            f"{str(legacy)!r} is not a weights-only torch file, so peftkit does not read it (a pickle that holds "
-            f"more than tensors could run code when loaded): {exc}"
-        ) from exc
 
 
 def peft_tensors(
@@ -211,7 +164,9 @@ def read_fusion(folder: Path, model: nn.Module | None) -> ForeignAdapter:
         raise AdapterLoadError(f"{where} is not readable JSON ({exc})") from exc
     if not (isinstance(data, dict) and isinstance(data.get("config"), dict) and data.get("adapter_names")):
         raise AdapterLoadError(f"{where} has no AdapterFusion 'config' and 'adapter_names'")
-    file, tensors = read_tensors(folder, FUSION_SAFE_WEIGHTS_NAME, FUSION_WEIGHTS_NAME)
+    file, tensors = foreign_format.read_adapterhub_tensors(
+        folder, FUSION_SAFE_WEIGHTS_NAME, FUSION_WEIGHTS_NAME
+    )
     fused = list(data["adapter_names"])
     adapter = ForeignAdapter(
         format=FORMAT,
@@ -290,11 +245,11 @@ def save(peft_model: Any, config: BottleneckConfig, adapter_name: str, folder: P
     for _, location, path in blocks:
         layer = _LAYER.match(path)["layer"]
         for ours, theirs in TENSOR_NAMES.items():
-            tensor = state[f"base_model.model.{path}.{ours}"]
-            tensors[f"{layer}.{location}.adapters.{adapter_name}.{theirs}"] = (
-                tensor.detach().cpu().contiguous().clone()
-            )
-    _write(folder, source_config, adapter_name, model, tensors, CONFIG_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME)
+            tensors[f"{layer}.{location}.adapters.{adapter_name}.{theirs}"] = state[
+                f"base_model.model.{path}.{ours}"
+            ]
+    data = foreign_format.adapterhub_folder_data(model, source_config, adapter_name, _writer())
+    foreign_format.write_adapterhub_files(folder, data, tensors)
 
 
 def save_fusion(peft_model: Any, config: Any, adapter_name: str, folder: Path) -> None:
@@ -309,48 +264,18 @@ def save_fusion(peft_model: Any, config: Any, adapter_name: str, folder: Path) -
         prefix = f"base_model.model.{path}.adapter_fusion."
         for key, tensor in state.items():
             if key.startswith(prefix):
-                theirs = f"{layer}.{location}.adapter_fusion_layer.{adapter_name}.{key[len(prefix) :]}"
-                tensors[theirs] = tensor.detach().cpu().contiguous().clone()
-    extra = {"adapter_names": list(config.adapter_names)}
-    _write(
-        folder,
-        config.options(),
-        adapter_name,
-        model,
-        tensors,
-        FUSION_CONFIG_NAME,
-        FUSION_WEIGHTS_NAME,
-        FUSION_SAFE_WEIGHTS_NAME,
-        extra,
+                tensors[f"{layer}.{location}.adapter_fusion_layer.{adapter_name}.{key[len(prefix) :]}"] = (
+                    tensor
+                )
+    data = foreign_format.adapterhub_folder_data(
+        model, config.options(), adapter_name, _writer(), adapter_names=list(config.adapter_names)
+    )
+    foreign_format.write_adapterhub_files(
+        folder, data, tensors, FUSION_CONFIG_NAME, FUSION_WEIGHTS_NAME, FUSION_SAFE_WEIGHTS_NAME
     )
 
 
-def _write(
-    folder: Path,
-    source_config: dict[str, Any],
-    name: str,
-    model: nn.Module,
-    tensors: dict[str, torch.Tensor],
-    config_name: str,
-    weights_name: str,
-    safe_weights_name: str,
-    extra: dict[str, Any] | None = None,
-) -> None:
-    from safetensors.torch import save_file
-
+def _writer() -> str:
     from peftkit_bottleneck import __version__
 
-    model_config = model.config
-    data = {
-        **(extra or {}),
-        "config": source_config,
-        "hidden_size": model_config.hidden_size,
-        "model_class": type(model).__name__,
-        "model_name": getattr(model_config, "_name_or_path", "") or "",
-        "model_type": model_config.model_type,
-        "name": name,
-        "version": f"peftkit-bottleneck.{__version__}",
-    }
-    (folder / config_name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    torch.save(tensors, folder / weights_name)
-    save_file(tensors, str(folder / safe_weights_name), metadata={"format": "pt"})
+    return f"peftkit-bottleneck.{__version__}"

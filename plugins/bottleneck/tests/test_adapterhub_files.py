@@ -35,14 +35,21 @@ def test_an_option_peftkit_cannot_represent_is_named_in_the_error(tmp_path):
         PeftModel.from_pretrained(tiny_bert(), tmp_path)
 
 
-def test_an_adapterfusion_folder_is_refused_as_not_supported_yet(tmp_path):
+def test_an_adapterfusion_folder_loads_only_after_its_adapters_and_inspect_reads_it(tmp_path):
     model = with_adapters(SeqBnConfig(), SeqBnConfig())
     model.add_adapter_fusion(Fuse("a0", "a1"))
     model.save_adapter_fusion(str(tmp_path), "a0,a1")
-    with pytest.raises(
-        AdapterLoadError, match="AdapterFusion layer .* peftkit does not read AdapterFusion yet"
-    ):
+    with pytest.raises(AdapterLoadError, match=r"holds the adapters \['a0', 'a1'\] together in no block; load the"):
         PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    result = CliRunner().invoke(make_cli(), ["inspect", str(tmp_path), "--json"], prog_name="peftkit")
+    assert result.exit_code == 0, result.output
+    [adapter] = json.loads(result.output)["adapters"]
+    assert (adapter["format"], adapter["method"], adapter["file"]) == (
+        "adapterhub",
+        "adapter_fusion",
+        "pytorch_model_adapter_fusion.bin",
+    )
+    assert adapter["config"]["adapter_names"] == ["a0", "a1"]
 
 
 def test_inspect_reads_a_save_adapter_folder_and_names_its_head(tmp_path):
