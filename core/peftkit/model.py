@@ -236,13 +236,14 @@ class PeftModel(nn.Module):
         self._check_known([adapter_name])
         self._remove(adapter_name)
         remaining = [name for name in self.active_adapters if name != adapter_name]
-        self.active_composition = None  # a block that named it no longer can run; the rest stay active
+        if adapter_name in self.active_adapters:
+            self.active_composition = None  # a block that named it no longer can run; the rest stay active
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         self.active_adapters = remaining
         for _, layer in self.adapter_layers():
             layer.set_active(remaining)
-            layer.active_composition = None
+            layer.active_composition = self.active_composition
         self._note_answering()
         self._update_trainable()
 
