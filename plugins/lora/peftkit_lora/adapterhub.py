@@ -135,6 +135,14 @@ def _refusal(where: str, option: str, value: Any, why: str, supported: str) -> A
 
 def check_options(source: Mapping[str, Any], where: str) -> None:
     """Refuse an AdapterHub LoRA config that peftkit-lora's LoRA cannot compute, naming the option."""
+    if source.get("architecture") == MTL_ARCHITECTURE:
+        raise _refusal(
+            where,
+            "architecture",
+            MTL_ARCHITECTURE,
+            "MTL-LoRA mixes several up projections with learned per-task weights",
+            "architecture='lora'",
+        )
     for option, (only, why) in ONLY_VALUE.items():
         value = source.get(option, only)
         if value != only:
@@ -265,14 +273,6 @@ def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
         return None
     source = data["config"]
     where = repr(str(folder / CONFIG_NAME))
-    if source["architecture"] == MTL_ARCHITECTURE:
-        raise _refusal(
-            where,
-            "architecture",
-            MTL_ARCHITECTURE,
-            "MTL-LoRA mixes several up projections with learned per-task weights",
-            "architecture='lora'",
-        )
     file, tensors = read_adapterhub_tensors(folder)
     adapter = ForeignAdapter(
         format=FORMAT,
@@ -289,6 +289,7 @@ def read(folder: Path, model: nn.Module | None) -> ForeignAdapter | None:
         except AdapterLoadError as exc:
             adapter.notes.append(f"not loadable: {exc}")
         return adapter
+    check_options(source, where)
     target_modules, targets = _targets(model, source, where)
     adapter.config = from_adapterhub(source, where, target_modules)
     adapter.tensors = peft_tensors(model, targets, tensors, repr(str(file)))
