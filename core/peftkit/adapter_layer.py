@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from peftkit import exact_unmerge, plugins
-from peftkit.composition import Child, compose
-from peftkit.errors import MergeNotSupportedError
+from peftkit.composition import Child, Split, compose
+from peftkit.errors import ConfigError, MergeNotSupportedError
 from peftkit.layer_access import LayerFeatures
 from peftkit.mixed_batch import RowAdapters
 
@@ -188,7 +188,25 @@ class AdapterLayer(nn.Module):
 
     def check_composition(self, block: Child) -> None:
         """Raise :class:`peftkit.ConfigError` where this layer cannot compute ``block`` as its adapters are
-        configured (called by ``set_adapter`` on every layer before anything changes). Default: any block."""
+        configured (called by ``set_adapter`` on every layer before anything changes). Default: any block
+        but a ``Split`` of adapters on a convolution, whose input's dimension 1 holds channels, not tokens."""
+        if getattr(self.features, "kind", None) not in ("conv1d", "conv2d", "conv3d"):
+            return
+
+        def in_splits(node: Child) -> list[str]:
+            if isinstance(node, str):
+                return []
+            return (node.flatten() if isinstance(node, Split) else []) + [
+                name for child in node.children for name in in_splits(child)
+            ]
+
+        held = sorted({name for name in in_splits(block) if self.holds(name)})
+        if held:
+            raise ConfigError(
+                f"Split splits sequences, and {type(self).__name__} wraps a {self.features.kind} layer, "
+                f"whose input has channels where Split expects tokens; adapters {held} are on it, so they "
+                "cannot go inside Split"
+            )
 
     def adapter_parameters(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
         """The adapter's tensors here, named as PEFT saves them relative to this layer."""
