@@ -26,6 +26,7 @@ from peftkit.foreign_format import (
     ADAPTERHUB_FORMAT,
     ForeignAdapter,
     adapterhub_config,
+    adapterhub_folder_data,
     adapterhub_head_notes,
     read_adapterhub_tensors,
     write_adapterhub_files,
@@ -450,15 +451,7 @@ def save(peft_model: Any, config: LoraConfig, adapter_name: str, folder: Path) -
             f"adapter {adapter_name!r} holds {left[0]!r} ({len(left)} in all), which AdapterHub's LoRA cannot hold; "
             "save it in peftkit's format instead: save_pretrained(folder)"
         )
-    model = peft_model.base_model.model
-    model_config = model.config
-    data = {
-        "config": source,
-        "hidden_size": model_config.hidden_size,
-        "model_class": type(model).__name__,
-        "model_name": getattr(model_config, "_name_or_path", "") or "",
-        "model_type": model_config.model_type,
-        "name": adapter_name,
-        "version": f"peftkit-lora.{__version__}",
-    }
+    data = adapterhub_folder_data(
+        peft_model.base_model.model, source, adapter_name, f"peftkit-lora.{__version__}"
+    )
     write_adapterhub_files(folder, data, {theirs: state[ours] for ours, theirs in keys.items()})
