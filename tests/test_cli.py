@@ -39,7 +39,9 @@ LORA_HOOKS = [
     "peftkit_load_adapter_state_dict",
     "peftkit_model_methods",
     "peftkit_prepare_compiled_hotswap",
+    "peftkit_read_foreign_adapter",
     "peftkit_register_methods",
+    "peftkit_save_foreign_adapter",
     "peftkit_trainable_parameters",
 ]
 

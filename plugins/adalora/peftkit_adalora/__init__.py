@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from peftkit_adalora.callback import AdaLoraCallback
     from peftkit_adalora.layer import AdaLoraLayer
 
-__version__ = "0.1.3"
+__version__ = "0.2.0"
 __all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and the callback transformers, and loading the plugin

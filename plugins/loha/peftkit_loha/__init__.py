@@ -10,7 +10,7 @@ from peftkit_loha.config import LoHaConfig
 if TYPE_CHECKING:
     from peftkit_loha.layer import LoHaLayer
 
-__version__ = "0.1.2"
+__version__ = "0.2.0"
 __all__ = ["LoHaConfig", "LoHaLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

@@ -10,7 +10,7 @@ from peftkit_lokr.config import LoKrConfig
 if TYPE_CHECKING:
     from peftkit_lokr.layer import LoKrLayer, factorization
 
-__version__ = "0.1.2"
+__version__ = "0.2.0"
 __all__ = ["LoKrConfig", "LoKrLayer", "__version__", "factorization"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.
