@@ -49,9 +49,16 @@ class FusionLayer(nn.Module):
             if config.value_initialized:
                 with torch.no_grad():
                     self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
-        start = 50.0 if config.temperature else 1.0
-        self.register_buffer("temperature", torch.tensor(start), persistent=False)
-        self.cooling = start / 1000.0
+        self.start = 50.0 if config.temperature else 1.0
+        self.cooling = self.start / 1000.0 if config.temperature else 0.0
+        # the forwards run so far, an integer: a float buffer would take the model's dtype (in bfloat16,
+        # 50 - 0.05 rounds back to 50), and cooling it in place would break the backward of the softmax
+        self.register_buffer("forwards", torch.tensor(0), persistent=False)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """AdapterHub's softmax temperature ``T``: ``start − cooling · forwards``, at least 1 (float32)."""
+        return torch.clamp(self.start - self.cooling * self.forwards.float(), min=1.0)
 
     def forward(self, query: torch.Tensor, outputs: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         if self.residual_before:
@@ -63,7 +70,7 @@ class FusionLayer(nn.Module):
         probs = torch.softmax(scores / self.temperature, dim=-1)
         if self.cooling:
             with torch.no_grad():
-                self.temperature.copy_(torch.clamp(self.temperature - self.cooling, min=1.0))
+                self.forwards.add_(1)
         context = (probs.unsqueeze(-2) @ values).squeeze(-2)
         if hasattr(self, "value") and not self.value_before_softmax:
             context = self.value(context)
