@@ -360,8 +360,10 @@ class BottleneckLayer(AdapterLayer):
             return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
-        placements = {name: self.placement[name] for name in self.adapter_names}
-        return f"{super().extra_repr()}, placement={placements}"
+        # adapter_names also lists the fusions (adapter_fusion), which have no placement of their own
+        placements = {name: self.placement[name] for name in self.adapter_names if name in self.placement}
+        fusions = f", fusions={list(self.adapter_fusion)}" if len(self.adapter_fusion) else ""
+        return f"{super().extra_repr()}, placement={placements}{fusions}"
 
 
 def _names(block: Child) -> list[str]:
