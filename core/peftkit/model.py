@@ -17,7 +17,7 @@ from torch import nn
 from peftkit import plugins, serialization
 from peftkit.adapter_layer import AdapterLayer, adapter_layers
 from peftkit.adapter_swap import swap_adapter
-from peftkit.composition import CompositionBlock, has_row_blocks, parallel_channels, resolve_rows
+from peftkit.composition import CompositionBlock, has_row_blocks, parallel_channels, resolve_rows, validate
 from peftkit.config import CONFIG_NAME, PeftConfig, with_task_heads
 from peftkit.errors import AdapterNameError, ConfigError, MergeNotSupportedError
 from peftkit.foreign_format import PEFT_FORMAT, read_foreign_adapter
@@ -165,6 +165,7 @@ class PeftModel(nn.Module):
         (:mod:`peftkit.composition`: ``Stack("a", "b")``, ``Average(...)``, ``BatchSplit(...)``, ...)."""
         block = adapter_name if isinstance(adapter_name, CompositionBlock) else None
         if block is not None:
+            validate(block)  # nesting first: what a block names matters only if it can run at all
             names = block.flatten() + self._fusions_of(block)
         else:
             names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -205,9 +206,8 @@ class PeftModel(nn.Module):
         return list(dict.fromkeys(names))
 
     def _check_composition(self, block: CompositionBlock) -> None:
-        from peftkit.composition import enclosing_blocks, validate
+        from peftkit.composition import enclosing_blocks
 
-        validate(block)
         merged = sorted({name for _, layer in self.adapter_layers() for name in layer.merged_adapters})
         if merged:
             raise ConfigError(
