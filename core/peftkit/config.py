@@ -136,6 +136,11 @@ class PeftConfig:
         if not isinstance(self.inference_mode, bool):
             raise fail(self, "inference_mode", self.inference_mode, "True or False")
 
+    def required_adapters(self) -> list[str]:
+        """Other adapters that must be on the model before this one is added (an AdapterFusion's fused
+        adapters); ``from_pretrained(..., all_adapters=True)`` loads them first. Default: none."""
+        return []
+
     # --- (de)serialising -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict PEFT writes: every field, enums as their values, sets as sorted lists."""

@@ -782,7 +782,8 @@ class PeftModel(nn.Module):
         peft_model = cls(model, config, adapter_name)
         serialization.load_adapter_state_dict(peft_model, adapter_name, tensors)
         if all_adapters:
-            for sub in sorted(path for path in folder.iterdir() if (path / CONFIG_NAME).is_file()):
+            subfolders = sorted(path for path in folder.iterdir() if (path / CONFIG_NAME).is_file())
+            for sub in _needed_first(subfolders):
                 peft_model.load_adapter(sub, sub.name, is_trainable=is_trainable)
         return peft_model
 
@@ -851,6 +852,26 @@ def get_peft_model(
 ) -> PeftModel:
     """Wrap ``model`` with a new, trainable adapter of the config's method."""
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def _needed_first(subfolders: list[Path]) -> list[Path]:
+    """Adapter sub-folders in an order that loads each adapter after those its config requires among them (a
+    fusion after the adapters it fuses); otherwise in the order given."""
+    from peftkit.foreign_format import is_peft_folder
+
+    names = {sub.name for sub in subfolders}
+    requires = {
+        sub.name: set(load_config(sub).required_adapters()) & names if is_peft_folder(sub) else set()
+        for sub in subfolders
+    }
+    ordered: list[Path] = []
+    pending = list(subfolders)
+    while pending:
+        loaded = {sub.name for sub in ordered}
+        ready = next((sub for sub in pending if requires[sub.name] <= loaded), pending[0])  # [0]: a cycle
+        ordered.append(ready)
+        pending.remove(ready)
+    return ordered
 
 
 def _batch_rows(inputs: dict[str, Any]) -> int:

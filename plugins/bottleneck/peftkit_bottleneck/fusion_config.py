@@ -91,6 +91,9 @@ class AdapterFusionConfig(PeftConfig):
         if self.dropout_prob is not None:
             check_probability(self, "dropout_prob")
 
+    def required_adapters(self) -> list[str]:
+        return list(self.adapter_names)
+
     def options(self) -> dict[str, Any]:
         """AdapterHub's ``AdapterFusionConfig`` fields and values."""
         return {option: getattr(self, option) for option in OPTIONS}

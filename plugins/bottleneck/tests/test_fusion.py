@@ -484,11 +484,6 @@ def test_peft_folders_of_adapters_and_fusion_load_back_with_the_same_fused_outpu
     torch.testing.assert_close(logits(loaded, x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PeftModel.from_pretrained(all_adapters=True) loads sub-folders in sorted order, so a fusion folder "
-    "('default,x') that sorts before a fused adapter's ('x') loads before it and is refused (core/peftkit/model.py)",
-)
 def test_from_pretrained_with_all_adapters_loads_a_fusion_after_its_adapters(tmp_path):
     configs = ADAPTERS["llama_houlsby"][1]
     model = with_adapters(tiny_llama(), {"default": configs["a"], "x": configs["b"]})
