@@ -165,8 +165,7 @@ class PeftModel(nn.Module):
         (:mod:`peftkit.composition`: ``Stack("a", "b")``, ``Average(...)``, ``BatchSplit(...)``, ...)."""
         block = adapter_name if isinstance(adapter_name, CompositionBlock) else None
         if block is not None:
-            validate(block)  # nesting first: what a block names matters only if it can run at all
-            names = block.flatten() + self._fusions_of(block)
+            names = self._composition_names(block)
         else:
             names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
@@ -189,6 +188,25 @@ class PeftModel(nn.Module):
         self._note_answering()
         self._update_trainable()
 
+    def _composition_names(self, block: CompositionBlock) -> list[str]:
+        """The adapters a block activates, checked in the order that names the first thing wrong: its nesting,
+        its names, whether each adapter's method takes part in the blocks around it, the fusions it runs."""
+        from peftkit.composition import enclosing_blocks
+
+        validate(block)
+        self._check_known(block.flatten())
+        for name, inside in enclosing_blocks(block).items():
+            supported = plugins.composition_blocks(self, self.peft_config[name], name)
+            refused = sorted(inside - supported)
+            if refused:
+                method = self._method(name).name
+                can = ", ".join(sorted(supported)) or "none"
+                raise ConfigError(
+                    f"adapter {name!r} is a {method} adapter, which cannot take part in {', '.join(refused)} "
+                    f"(in {block!r}); {method} adapters take part in: {can}"
+                )
+        return block.flatten() + self._fusions_of(block)
+
     def _fusions_of(self, block: CompositionBlock) -> list[str]:
         """The adapters that the ``Fuse`` blocks in ``block`` run: each the fusion adapter named as the block
         (``Fuse("a", "b")``: ``"a,b"``, AdapterHub's name)."""
@@ -206,23 +224,13 @@ class PeftModel(nn.Module):
         return list(dict.fromkeys(names))
 
     def _check_composition(self, block: CompositionBlock) -> None:
-        from peftkit.composition import enclosing_blocks
-
+        """Whether the model can run ``block`` as it is: nothing merged, one task head at most, and every
+        layer able to compute it."""
         merged = sorted({name for _, layer in self.adapter_layers() for name in layer.merged_adapters})
         if merged:
             raise ConfigError(
                 f"a composition cannot run while adapters are merged ({', '.join(merged)}); call unmerge_adapter() first"
             )
-        for name, inside in enclosing_blocks(block).items():
-            supported = plugins.composition_blocks(self, self.peft_config[name], name)
-            refused = sorted(inside - supported)
-            if refused:
-                method = self._method(name).name
-                can = ", ".join(sorted(supported)) or "none"
-                raise ConfigError(
-                    f"adapter {name!r} is a {method} adapter, which cannot take part in {', '.join(refused)} "
-                    f"(in {block!r}); {method} adapters take part in: {can}"
-                )
         with_heads = [name for name in block.flatten() if self.peft_config[name].modules_to_save]
         if len(with_heads) > 1:
             raise ConfigError(

@@ -10,7 +10,7 @@ from peftkit_vera.config import VeraConfig
 if TYPE_CHECKING:
     from peftkit_vera.layer import VeraLayer, VeraProjections
 
-__version__ = "0.1.2"
+__version__ = "0.2.0"
 __all__ = ["VeraConfig", "VeraLayer", "VeraProjections", "__version__"]
 
 # Imported on first use: the layer module imports torch, and loading the plugin (peftkit methods) does not.

@@ -17,6 +17,7 @@ from peftkit.layer_access import LINEAR
 from torch import nn
 
 from peftkit_vera.config import VeraConfig
+from peftkit.composition import TOKEN_WISE_BLOCKS
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -43,6 +44,8 @@ class VeraLayer(AdapterLayer):
     adapter_tensor_names: ClassVar[tuple[str, ...]] = ("vera_lambda_b", "vera_lambda_d")
     adapter_state_names: ClassVar[tuple[str, ...]] = ("vera_projections", "vera_dropout")
     supported_kinds: ClassVar[tuple[str, ...]] = (LINEAR,)
+    # its adapters add a per-token update, so the core's composed_output computes every block but Fuse
+    composition_blocks: ClassVar[tuple[str, ...]] = TOKEN_WISE_BLOCKS
 
     def __init__(self, base_layer: nn.Module, features=None) -> None:
         super().__init__(base_layer, features)
