@@ -13,11 +13,11 @@ from typing import ClassVar
 
 import torch
 from peftkit import AdapterLayer
+from peftkit.composition import TOKEN_WISE_BLOCKS
 from peftkit.layer_access import LINEAR
 from torch import nn
 
 from peftkit_vera.config import VeraConfig
-from peftkit.composition import TOKEN_WISE_BLOCKS
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
