@@ -10,10 +10,19 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from peftkit import ConfigError, LoraConfig, PeftModel, get_peft_model, hookimpl, method_impl, plugins
+from peftkit import (
+    AdapterLoadError,
+    ConfigError,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    hookimpl,
+    method_impl,
+    plugins,
+)
 from peftkit.cli import make_cli
 from peftkit.foreign_format import ForeignAdapter
-from peftkit.testing.models import randomize_trainable, tiny_llama
+from peftkit.testing.models import randomize_trainable, tiny_bert, tiny_llama
 from safetensors.torch import load_file, save_file
 
 IDS = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -121,3 +130,27 @@ def test_a_format_no_plugin_writes_is_a_clear_error_and_writes_nothing(tmp_path)
         model.save_pretrained(tmp_path / "out", format=None)
     assert str(info.value) == "save_pretrained's format must be a format's name, such as 'peft', got None"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "said"),
+    [
+        ({"architecture": "prefix_tuning", "prefix_length": 30}, "architecture 'prefix_tuning'"),
+        (
+            {
+                "architecture": "union",
+                "configs": [{"architecture": "prefix_tuning"}, {"architecture": "bottleneck"}],
+            },
+            "a union of architecture 'prefix_tuning' \\+ architecture 'bottleneck'",
+        ),
+    ],
+)
+def test_an_adapterhub_folder_no_plugin_reads_is_named_with_its_architecture(tmp_path, config, said):
+    # what AdapterHub's save_adapter writes for its prefix tuning, and for MAMConfig (a union)
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"config": config, "name": "x", "model_type": "bert"})
+    )
+    with pytest.raises(
+        AdapterLoadError, match=f"holds an AdapterHub adapter \\({said}\\), and no installed plugin"
+    ):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)

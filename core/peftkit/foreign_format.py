@@ -71,7 +71,27 @@ def read_foreign_adapter(folder: str | Path, model: nn.Module | None = None) -> 
     folder = Path(folder)
     if not folder.is_dir() or is_peft_folder(folder):
         return None
-    return plugins.read_foreign_adapter(folder, model)
+    adapter = plugins.read_foreign_adapter(folder, model)
+    if adapter is None and adapterhub_config(folder) is not None:
+        from peftkit.errors import AdapterLoadError
+
+        architecture = _adapterhub_architecture(adapterhub_config(folder)["config"])
+        raise AdapterLoadError(
+            f"{str(folder)!r} holds an AdapterHub adapter ({architecture}), and no installed plugin reads "
+            "AdapterHub's adapters of that kind (peftkit-bottleneck reads its bottleneck adapters and "
+            "AdapterFusion, peftkit-lora its LoRA); load this one with AdapterHub's adapters library"
+        )
+    return adapter
+
+
+def _adapterhub_architecture(config: dict[str, Any]) -> str:
+    architecture = config.get("architecture") or "bottleneck"
+    if architecture == "union":
+        parts = [
+            _adapterhub_architecture(part) for part in config.get("configs", []) if isinstance(part, dict)
+        ]
+        return f"a union of {' + '.join(parts)}"
+    return f"architecture {architecture!r}"
 
 
 # --- AdapterHub's folders: the layout every AdapterHub method shares ----------------------------------------
