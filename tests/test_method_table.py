@@ -40,6 +40,20 @@ EXAMPLE_CONFIGS = {
     "prefix_tuning": ("PrefixTuningConfig", VIRTUAL_TOKENS),
     "p_tuning": ("PromptEncoderConfig", dict(VIRTUAL_TOKENS, encoder_hidden_size=16)),
 }
+# Methods that run on adapters of another method: an AdapterFusion over bottleneck adapters. The kit's suites
+# and the quantized step add one adapter to a bare model, which such a method cannot be; each has a setup here
+# that adds what it needs and activates it.
+def _fusion_over_two_bottleneck_adapters(base):
+    from peftkit import Fuse
+
+    model = get_peft_model(base, plugins.config_class_named("BottleneckConfig")(), "a")
+    model.add_adapter("b", plugins.config_class_named("BottleneckConfig")())
+    model.add_adapter_fusion(["a", "b"])
+    model.set_adapter(Fuse("a", "b"))
+    return model
+
+
+COMPANION_SETUPS = {"adapter_fusion": _fusion_over_two_bottleneck_adapters}
 QUANTIZATION = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "int8": dict(load_in_8bit=True),
@@ -99,6 +113,15 @@ def test_each_row_says_what_the_method_registers(name):
 
 @pytest.mark.parametrize("name", sorted(plugins.methods()))
 def test_the_compile_column_matches_the_conformance_suites(name):
+    if name in COMPANION_SETUPS:  # no suite of its own: compiled here in one graph, against eager
+        model = COMPANION_SETUPS[name](tiny_llama()).eval()
+        ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            eager = model(input_ids=ids).logits
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids).logits
+        torch.testing.assert_close(compiled, eager)
+        assert table()[name]["compile"] == "yes"
+        return
     suites = conformance_suites()
     assert name in suites, f"method {name!r} has no conformance suite in a tests/test_conformance.py"
     runs_compiles = suites[name].test_compiles is ConformanceSuite.test_compiles
@@ -118,9 +141,9 @@ def quantized_folder(tmp_path_factory):
 def test_the_quantized_column_matches_a_training_step(name, kind, quantized_folder):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    assert name in EXAMPLE_CONFIGS, f"add an example config for method {name!r} to EXAMPLE_CONFIGS"
-    class_name, kwargs = EXAMPLE_CONFIGS[name]
-    config = plugins.config_class_named(class_name)(**kwargs)
+    assert name in EXAMPLE_CONFIGS or name in COMPANION_SETUPS, (
+        f"add an example config for method {name!r} to EXAMPLE_CONFIGS"
+    )
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     base = AutoModelForCausalLM.from_pretrained(
         quantized_folder,
@@ -128,7 +151,12 @@ def test_the_quantized_column_matches_a_training_step(name, kind, quantized_fold
         device_map="cpu",
         dtype=torch.float32,
     )
-    model = get_peft_model(prepare_model_for_kbit_training(base, use_gradient_checkpointing=False), config)
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if name in COMPANION_SETUPS:
+        model = COMPANION_SETUPS[name](base)
+    else:
+        class_name, kwargs = EXAMPLE_CONFIGS[name]
+        model = get_peft_model(base, plugins.config_class_named(class_name)(**kwargs))
     ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     model.train()(input_ids=ids, labels=ids).loss.backward()
     trainable = [param for param in model.parameters() if param.requires_grad]
