@@ -14,7 +14,9 @@ NAMES = ["default", "small", "__base__"]
 
 
 def two_lora_llama():
-    model = get_peft_model(tiny_llama(seed=0), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(
+        tiny_llama(seed=0), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
     model.add_adapter(
         "small", LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
@@ -42,7 +44,9 @@ def model():
 @settings(max_examples=20, deadline=None)
 @given(names=st.lists(st.sampled_from(NAMES), min_size=1, max_size=6), length=st.integers(1, 6))
 def test_each_row_gets_its_own_adapter(model, names, length):
-    ids = torch.randint(1, 128, (len(names), length), generator=torch.Generator().manual_seed(len(names) + length))
+    ids = torch.randint(
+        1, 128, (len(names), length), generator=torch.Generator().manual_seed(len(names) + length)
+    )
     with torch.no_grad():
         mixed = model(input_ids=ids, adapter_names=names).logits
         expected = one_row_at_a_time(model, ids, names)
@@ -86,10 +90,14 @@ def test_the_stacked_weights_follow_changes_to_an_adapter(model):
 
 
 def test_lora_and_ia3_rows_mix():
-    model = get_peft_model(tiny_llama(seed=1), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        tiny_llama(seed=1), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
     model.add_adapter(
         "scale",
-        IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False),
+        IA3Config(
+            target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+        ),
     )
     model.eval()
     ids = torch.randint(1, 128, (3, 4), generator=torch.Generator().manual_seed(3))
@@ -151,8 +159,29 @@ def test_heads_disabled_adapters_and_training_dropout_are_refused():
     with pytest.raises(ValueError, match="'default' has modules_to_save"):
         with_head(input_ids=ids, adapter_names=["default", "__base__"])
 
-    model = get_peft_model(llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.1)).train()
+    model = get_peft_model(
+        llama(seed=0), LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.1)
+    ).train()
     with pytest.raises(ValueError, match="runs LoRA without dropout: call model.eval()"):
         model(input_ids=ids, adapter_names=["default", "__base__"])
     with model.disable_adapter(), pytest.raises(ValueError, match="inside disable_adapter"):
         model(input_ids=ids, adapter_names=["default", "__base__"])
+
+
+def test_an_adapter_deleted_and_added_again_elsewhere_is_seen_by_the_next_mixed_batch():
+    # the layers a mixed batch reaches were cached by adapter names, which deleting "small" and adding it
+    # again on other modules does not change: its new k_proj layers then went unseen, and "default" rows
+    # picked up its change
+    model = get_peft_model(
+        tiny_llama(seed=0), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    model.add_adapter("small", LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    model.eval()
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(input_ids=ids, adapter_names=["default", "small"])
+        model.delete_adapter("small")
+        model.add_adapter("small", LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+        mixed = model(input_ids=ids, adapter_names=["default", "small"]).logits
+        expected = one_row_at_a_time(model, ids, ["default", "small"])
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)

@@ -141,6 +141,7 @@ class PeftModel(nn.Module):
             self._remove(adapter_name)
             raise
         self._cast_adapter(adapter_name)
+        self.__dict__["_adapter_layout"] = object()
         self._update_trainable()
 
     def _cast_adapter(self, adapter_name: str) -> None:
@@ -231,11 +232,15 @@ class PeftModel(nn.Module):
             raise ConfigError(
                 f"a composition cannot run while adapters are merged ({', '.join(merged)}); call unmerge_adapter() first"
             )
-        with_heads = [name for name in block.flatten() if self.peft_config[name].modules_to_save]
+        with_heads = [
+            name
+            for name in block.flatten() + self._fusions_of(block)
+            if self.peft_config[name].modules_to_save
+        ]
         if len(with_heads) > 1:
             raise ConfigError(
                 f"adapters {with_heads} each have modules_to_save (a trained task head); a composition may hold "
-                "at most one adapter with a head, whose head then serves every row"
+                "at most one adapter with a head (counting the fusions it runs), whose head then serves every row"
             )
         for _, layer in self.adapter_layers():
             layer.check_composition(block)
@@ -264,6 +269,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.prompt_modules:
             del self.prompt_modules[adapter_name]
         del self.peft_config[adapter_name]
+        self.__dict__["_adapter_layout"] = object()
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -546,11 +552,11 @@ class PeftModel(nn.Module):
 
     def _layers_for_mixed_batches(self) -> tuple[list[AdapterLayer], list[tuple[tuple[str, ...], Any]]]:
         """The adapter layers, and the distinct ``(adapters held, device)`` of them (see
-        :func:`peftkit.mixed_batch.rows_using`), found again only when the set of adapters changed: walking
-        a model with many adapters costs more than a decoding step's adapter math."""
-        key = tuple(self.peft_config)
+        :func:`peftkit.mixed_batch.rows_using`), found again only after an adapter was added or deleted:
+        walking a model with many adapters costs more than a decoding step's adapter math."""
+        key = self.__dict__.get("_adapter_layout")  # a new object on every add and delete
         cached = self.__dict__.get("_mixed_batch_layers")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not key:
             layers = [layer for _, layer in self.adapter_layers()]
             layouts = {}
             for layer in layers:

@@ -692,3 +692,19 @@ def test_fusion_and_average_side_by_side_keep_the_adapters_frozen_only_under_fus
     assert {
         name for name, param in model.named_parameters() if param.requires_grad
     } == fusion_parameter_names(model)
+
+
+def test_a_fused_adapter_with_a_head_and_a_fusion_with_a_head_are_refused_together():
+    # the fused adapter's frozen head would serve every row, and the fusion's would train unused
+    configs = {
+        "a": BottleneckConfig(style="houlsby", reduction_factor=4, modules_to_save=["lm_head"]),
+        "b": BottleneckConfig(style="houlsby", reduction_factor=4),
+    }
+    model = with_adapters(tiny_llama(), configs)
+    model.add_adapter_fusion(
+        ["a", "b"], config=AdapterFusionConfig(adapter_names=["a", "b"], modules_to_save=["lm_head"])
+    )
+    with pytest.raises(
+        ConfigError, match=r"adapters \['a', 'a,b'\] each have modules_to_save .*counting the fusions"
+    ):
+        model.set_adapter(Fuse("a", "b"))
