@@ -171,19 +171,40 @@ def add_fusion_layers(peft_model: Any, config: AdapterFusionConfig, adapter_name
 
 def with_regularization(peft_model: Any, config: AdapterFusionConfig, adapter_name: str, outputs: Any) -> Any:
     """While training, the loss plus ``0.01 · ‖I − V‖²`` of each of the fusion's layers (AdapterHub's
-    regulariser, which its AdapterTrainer backpropagates after each step; added to the loss here)."""
-    from peftkit_bottleneck.layer import BottleneckLayer
-
+    regulariser, which its AdapterTrainer backpropagates after each step; added to the loss here). A loss
+    computed outside the model takes :func:`get_fusion_regularization_loss` instead."""
     loss = getattr(outputs, "loss", None)
     if not (config.regularization and peft_model.training and isinstance(loss, torch.Tensor)):
         return None
+    term = _regularization(peft_model, [adapter_name])
+    if term is None:
+        return None
+    outputs.loss = loss + term.to(loss.dtype)
+    return outputs
+
+
+def get_fusion_regularization_loss(peft_model: Any) -> torch.Tensor | None:
+    """AdapterHub's ``model.get_fusion_regularization_loss()``: ``0.01 · ‖I − V‖²`` summed over the layers
+    of the active fusions that regularise, for a loss computed outside the model (one the model computes
+    has it added already, while training); None when there is none."""
+    names = [
+        name
+        for name in peft_model.active_adapters
+        if isinstance(peft_model.peft_config[name], AdapterFusionConfig)
+        and peft_model.peft_config[name].regularization
+    ]
+    return _regularization(peft_model, names)
+
+
+def _regularization(peft_model: Any, fusion_names: list[str]) -> torch.Tensor | None:
+    from peftkit_bottleneck.layer import BottleneckLayer
+
     terms = [
-        layer.adapter_fusion[adapter_name].regularization()
+        layer.adapter_fusion[name].regularization()
         for _, layer in peft_model.adapter_layers()
-        if isinstance(layer, BottleneckLayer) and adapter_name in layer.adapter_fusion
+        if isinstance(layer, BottleneckLayer)
+        for name in fusion_names
+        if name in layer.adapter_fusion
     ]
     terms = [term for term in terms if term is not None]
-    if not terms:
-        return None
-    outputs.loss = loss + torch.stack(terms).sum().to(loss.dtype)
-    return outputs
+    return torch.stack(terms).sum() if terms else None

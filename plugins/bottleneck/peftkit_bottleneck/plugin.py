@@ -43,9 +43,12 @@ def peftkit_register_methods() -> list[MethodSpec]:
 
 @hookimpl
 def peftkit_model_methods() -> dict[str, Any]:
-    from peftkit_bottleneck.fusion import add_adapter_fusion
+    from peftkit_bottleneck.fusion import add_adapter_fusion, get_fusion_regularization_loss
 
-    return {"add_adapter_fusion": add_adapter_fusion}
+    return {
+        "add_adapter_fusion": add_adapter_fusion,
+        "get_fusion_regularization_loss": get_fusion_regularization_loss,
+    }
 
 
 @method_impl("bottleneck")

@@ -456,6 +456,13 @@ def test_the_regulariser_joins_the_loss_while_training_and_only_then():
     assert model(input_ids=x).loss is None  # no labels, no loss to add to
 
 
+def test_the_regulariser_for_a_loss_computed_outside_the_model_is_adapterhubs_get_fusion_regularization_loss():
+    model = fused("llama_houlsby", scale=0.3)
+    torch.testing.assert_close(model.get_fusion_regularization_loss(), regularizer_by_hand(model))
+    model.peft_config["a,b"].regularization = False
+    assert model.get_fusion_regularization_loss() is None
+
+
 def test_a_fusion_without_v_adds_no_regulariser():
     model = fused("llama_houlsby", config={**STATIC, "regularization": True}).train()
     config = model.peft_config["a,b"]
