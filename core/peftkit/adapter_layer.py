@@ -179,8 +179,8 @@ class AdapterLayer(nn.Module):
             held = [name for name in names if self.holds(name)]
             return (state[0], self.adapter_output(state[0], state[1], held)) if held else state
 
-        def rows_of_names(names: list[str], state: tuple[torch.Tensor, torch.Tensor]) -> tuple:
-            return state[0], self.mixed_batch_output(state[0], state[1], RowAdapters(names))
+        def rows_of_names(rows: RowAdapters, state: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+            return state[0], self.mixed_batch_output(state[0], state[1], rows)
 
         return compose(
             block, (x, result), step, rows_of_names=rows_of_names, holds=self.holds, where=type(self).__name__

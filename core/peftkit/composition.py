@@ -28,6 +28,7 @@ from typing import Any, Union
 import torch
 
 from peftkit.errors import ConfigError
+from peftkit.mixed_batch import RowAdapters
 
 Child = Union[str, "CompositionBlock"]
 
@@ -73,10 +74,7 @@ class CompositionBlock(Sequence):
 
     def flatten(self) -> list[str]:
         """Every adapter name in the block, in order of first appearance."""
-        names = itertools.chain.from_iterable(
-            [child] if isinstance(child, str) else child.flatten() for child in self.children
-        )
-        return list(dict.fromkeys(names))
+        return _flatten(self.children)
 
     def first(self) -> str:
         child = self.children[0]
@@ -269,6 +267,13 @@ def enclosing_blocks(block: CompositionBlock) -> dict[str, set[str]]:
     return found
 
 
+def _flatten(children: list[Child]) -> list[str]:
+    names = itertools.chain.from_iterable(
+        [child] if isinstance(child, str) else child.flatten() for child in children
+    )
+    return list(dict.fromkeys(names))
+
+
 def has_row_blocks(block: Child) -> bool:
     return isinstance(block, CompositionBlock) and (
         isinstance(block, ROW_BLOCKS) or any(has_row_blocks(child) for child in block.children)
@@ -300,6 +305,7 @@ class Rows:
     children: list[Child]
     child_of_row: list[int]
     _selected: dict = field(default_factory=dict, repr=False)
+    _row_adapters: RowAdapters | None = field(default=None, repr=False)
 
     def selected(self, child: int, device: torch.device) -> torch.Tensor:
         key = (child, device)
@@ -309,14 +315,16 @@ class Rows:
         return self._selected[key]
 
     def flatten(self) -> list[str]:
-        names = (child if isinstance(child, str) else child.flatten() for child in self.children)
-        return list(dict.fromkeys(n for group in names for n in ([group] if isinstance(group, str) else group)))
+        return _flatten(self.children)
 
-    def names(self) -> list[str] | None:
-        """Each row's adapter name, when every child is a plain adapter name (else None)."""
+    def row_adapters(self) -> RowAdapters | None:
+        """Each row's adapter name, when every child is a plain adapter name (else None), made once per call so
+        that every layer shares its groupings (see :mod:`peftkit.mixed_batch`)."""
         if not all(isinstance(child, str) for child in self.children):
             return None
-        return [self.children[index] for index in self.child_of_row]
+        if self._row_adapters is None:
+            self._row_adapters = RowAdapters([self.children[index] for index in self.child_of_row])
+        return self._row_adapters
 
 
 def resolve_rows(block: Child, rows: int, task_ids: Any = None) -> Child:
@@ -390,14 +398,15 @@ def compose(
     state: State,
     step: Step,
     *,
-    rows_of_names: Callable[[list[str], State], State] | None = None,
+    rows_of_names: Callable[[RowAdapters, State], State] | None = None,
     fuse: Callable[[Fuse, State], State] | None = None,
     holds: Callable[[str], bool] | None = None,
     where: str = "this layer",
 ) -> State:
     """Walk ``block`` over ``state``; ``step(names, state)`` applies adapters in turn (a ``Stack`` of names
-    comes as one call, as when they are simply all active), leaving out those the layer does not hold. ``rows_of_names``: a faster way to run a :class:`Rows` whose children
-    are all adapter names (a layer's mixed-batch path). ``fuse``: how the layer fuses, where it can. ``holds``:
+    comes as one call, as when they are simply all active), leaving out those the layer does not hold.
+    ``rows_of_names``: a faster way to run a :class:`Rows` whose children are all adapter names (a layer's
+    mixed-batch path), given the row's names as one :class:`~peftkit.mixed_batch.RowAdapters` per call. ``fuse``: how the layer fuses, where it can. ``holds``:
     whether the layer holds an adapter; a ``Split`` of adapters it holds none of leaves its tokens as they are."""
 
     def walk(node: Child, current: State) -> State:
@@ -463,13 +472,14 @@ def _rows(node: Rows, state: State, walk: Callable, rows_of_names: Callable | No
         raise ValueError(
             f"the composition splits {len(node.child_of_row)} rows, but {where} sees a batch of {out.shape[0]}"
         )
-    names = node.names()
-    if names is not None and rows_of_names is not None:
-        return rows_of_names(names, state)
+    rows = node.row_adapters()
+    if rows is not None and rows_of_names is not None:
+        return rows_of_names(rows, state)
+    out = out.clone()  # one copy, then each child's rows written into it
     for index, child in enumerate(node.children):
         selected = node.selected(index, out.device)
         if not len(selected):
             continue
         changed = walk(child, tuple(t.index_select(0, selected) for t in state))[-1]
-        out = out.index_copy(0, selected, changed.to(out.dtype))
+        out.index_copy_(0, selected, changed.to(out.dtype))
     return (*state[:-1], out)
