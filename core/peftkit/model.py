@@ -221,6 +221,18 @@ class PeftModel(nn.Module):
                     "it first (peftkit-bottleneck: model.add_adapter_fusion([...]) or load_adapter(fusion folder)). "
                     f"Adapters: {sorted(self.peft_config)}"
                 )
+            fused = [child if isinstance(child, str) else child.last() for child in fuse]
+            required = self.peft_config[fuse.name].required_adapters()
+            if not required:
+                raise ConfigError(
+                    f"{fuse!r} runs {fuse.name!r} as its fusion, and {fuse.name!r} is a {self._method(fuse.name).name} "
+                    "adapter, which fuses nothing; name a fusion adapter (Fuse(..., name=...)), or leave name out"
+                )
+            if sorted(required) != sorted(fused):
+                raise ConfigError(
+                    f"{fuse!r} runs the fusion adapter {fuse.name!r}, which fuses {required}, not {fused}; name "
+                    "the fusion of these adapters, or fuse the adapters that one was made for"
+                )
             names.append(fuse.name)
         return list(dict.fromkeys(names))
 

@@ -634,11 +634,21 @@ def test_fusing_parallel_adapters_is_refused_when_added_and_when_set():
     with pytest.raises(ConfigError, match=r"fuses 'p', a parallel bottleneck adapter; fuse sequential"):
         model.add_adapter_fusion(["p", "q"])
     model.add_adapter_fusion(["s", "t"])
-    # a Fuse of the parallel adapters that names an existing fusion gets as far as the layers
+    # a Fuse of the parallel adapters that names the fusion of others is refused for that
     with pytest.raises(
-        ConfigError, match=r"Fuse of parallel bottleneck adapters \(\['p', 'q'\]\) is not supported"
+        ConfigError, match=r"runs the fusion adapter 's,t', which fuses \['s', 't'\], not \['p', 'q'\]"
     ):
         model.set_adapter(Fuse("p", "q", name="s,t"))
+
+
+def test_a_fuse_naming_the_fusion_of_other_adapters_is_refused():
+    # it ran: the fusion's Q, K and V fit any number of adapters, so it attended over the wrong ones
+    model = adapters("llama_houlsby")
+    model.add_adapter_fusion(["a", "b"])
+    with pytest.raises(
+        ConfigError, match=r"runs the fusion adapter 'a,b', which fuses \['a', 'b'\], not \['a', 'c'\]"
+    ):
+        model.set_adapter(Fuse("a", "c", name="a,b"))
 
 
 @pytest.mark.parametrize("fuse", [Fuse("a", "b"), Fuse("b", "a")], ids=repr)
@@ -654,7 +664,9 @@ def test_a_fuse_without_its_fusion_adapter_is_refused(fuse):
 
 def test_a_fuse_naming_an_adapter_that_is_no_fusion_is_refused():
     model = adapters("llama_houlsby")
-    with pytest.raises(ConfigError, match=r"this block holds \['a', 'b'\] but no fusion 'c'"):
+    with pytest.raises(
+        ConfigError, match=r"runs 'c' as its fusion, and 'c' is a bottleneck adapter, which fuses nothing"
+    ):
         model.set_adapter(Fuse("a", "b", name="c"))
 
 
