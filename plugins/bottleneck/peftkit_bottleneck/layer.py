@@ -245,11 +245,6 @@ class BottleneckLayer(AdapterLayer):
                     "one before's output, so stacking has no meaning for them (AdapterHub 1.3 keeps only the "
                     "last part's output); use Average, or set_adapter([...]) to add them up"
                 )
-            if fuse_blocks(block):
-                raise ConfigError(
-                    f"Fuse of parallel bottleneck adapters ({held}) is not supported: AdapterHub 1.3 adds the "
-                    "residual twice there; fuse sequential (houlsby or pfeiffer) adapters"
-                )
         for fuse in fuse_blocks(block):
             self._check_fuse(fuse)
 
