@@ -38,13 +38,8 @@ from peftkit.testing.models import randomize_trainable, tiny_bert, tiny_llama, t
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one intra-op thread (see peftkit.testing.pytest_plugin)
+pytestmark = pytest.mark.usefixtures("peftkit_one_thread")
 
 
 def ids(rows: int, length: int = 5, seed: int = 0, vocab: int = 128) -> torch.Tensor:
@@ -789,15 +784,8 @@ def test_blocks_run_under_bf16_autocast_close_to_float32(llama, block):
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("block", [Average("a", "b", weights=[1, 2]), Stack("a", "b")], ids=repr)
-def test_a_fullgraph_compile_with_average_or_stack_equals_eager(per_token, block, fresh_dynamo):
+def test_a_fullgraph_compile_with_average_or_stack_equals_eager(per_token, block, peftkit_fresh_dynamo):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     x = ids(3, seed=16, vocab=50)
@@ -811,7 +799,7 @@ def test_a_fullgraph_compile_with_average_or_stack_equals_eager(per_token, block
     assert counter.frame_count == 1
 
 
-def test_a_compiled_model_with_batch_split_gives_eagers_outputs(per_token, fresh_dynamo):
+def test_a_compiled_model_with_batch_split_gives_eagers_outputs(per_token, peftkit_fresh_dynamo):
     x = ids(3, seed=17, vocab=50)
     per_token.set_adapter(BatchSplit("a", "b", batch_sizes=[2, 1]))
     expected = logits(per_token, x)

@@ -10,11 +10,17 @@ Options (also settable through environment variables):
     ``peftkit-dev`` (more, fresh draws) or ``peftkit-thorough``; or any profile you registered.
 ``--peftkit-examples N`` ($PEFTKIT_EXAMPLES)
     examples per property, whatever the profile says.
+
+Fixtures for any test: ``peftkit_one_thread`` (module-scoped: torch runs one intra-op thread, as tiny
+models gain nothing from more and on a busy machine their spin-waits cost seconds) and
+``peftkit_fresh_dynamo`` (torch.compile's caches emptied before and after the test).
 """
 
 from __future__ import annotations
 
 import os
+
+import pytest
 
 DEVICE_CHOICES = ("all", "cpu", "cuda")
 
@@ -71,3 +77,22 @@ def pytest_collection_modifyitems(config, items) -> None:
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture(scope="module")
+def peftkit_one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def peftkit_fresh_dynamo():
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

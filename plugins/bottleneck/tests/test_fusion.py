@@ -46,13 +46,8 @@ DYNAMIC = {
 STATIC = {**DYNAMIC, "value": False, "regularization": False, "value_initialized": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models: one intra-op thread (see peftkit.testing.pytest_plugin)
+pytestmark = pytest.mark.usefixtures("peftkit_one_thread")
 
 
 # --- models ----------------------------------------------------------------------------------------------
@@ -570,14 +565,7 @@ def test_fuse_runs_under_bf16_autocast_close_to_float32(kind):
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def test_a_fullgraph_compiled_model_with_fuse_equals_eager_and_cools_its_temperature(fresh_dynamo):
+def test_a_fullgraph_compiled_model_with_fuse_equals_eager_and_cools_its_temperature(peftkit_fresh_dynamo):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     # one decoder layer: a quicker trace

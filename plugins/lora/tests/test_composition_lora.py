@@ -14,18 +14,10 @@ from peftkit import Average, BatchSplit, MultiTask, Parallel, PromptTuningConfig
 from peftkit.testing.models import randomize_trainable, tiny_gpt2, tiny_llama, tiny_plain
 from peftkit_lora import LoraConfig
 
-pytestmark = pytest.mark.numerics  # also run under torch's generic CPU kernels (dev.sh)
+# also run under torch's generic CPU kernels (dev.sh); tiny models: one intra-op thread
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("peftkit_one_thread")]
 
 TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # each model with the modules an adapter may target, embeddings and convolutions included
