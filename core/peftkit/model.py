@@ -196,8 +196,9 @@ class PeftModel(nn.Module):
 
         validate(block)
         self._check_known(block.flatten())
+        layers, _ = self._layers_for_mixed_batches()  # walked once, not once per adapter
         for name, inside in enclosing_blocks(block).items():
-            supported = plugins.composition_blocks(self, self.peft_config[name], name)
+            supported = plugins.composition_blocks(self, self.peft_config[name], name, layers)
             refused = sorted(inside - supported)
             if refused:
                 method = self._method(name).name

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from peftkit.adapter_layer import AdapterLayer
     from peftkit.config import PeftConfig
     from peftkit.foreign_format import ForeignAdapter
     from peftkit.layer_access import LayerFeatures
@@ -359,16 +360,19 @@ def trainable_parameters(
     return [pair for answer in answers for pair in answer]
 
 
-def composition_blocks(peft_model: PeftModel, config: PeftConfig, adapter_name: str) -> frozenset[str]:
+def composition_blocks(
+    peft_model: PeftModel, config: PeftConfig, adapter_name: str, layers: list[AdapterLayer]
+) -> frozenset[str]:
+    """The blocks the adapter may sit inside; ``layers``: the model's adapter layers, for the default."""
     from peftkit.composition import BLOCK_NAMES
 
-    answer = _hook().peftkit_composition_blocks(peft_model=peft_model, config=config, adapter_name=adapter_name)
-    if answer is None:  # what every layer holding the adapter computes; Stack alone for an adapter without layers
-        blocks = [
-            frozenset(type(layer).composition_blocks)
-            for _, layer in peft_model.adapter_layers()
-            if layer.holds(adapter_name)
-        ]
+    answer = _hook().peftkit_composition_blocks(
+        peft_model=peft_model, config=config, adapter_name=adapter_name
+    )
+    if (
+        answer is None
+    ):  # what every layer holding the adapter computes; Stack alone for an adapter without layers
+        blocks = [frozenset(type(layer).composition_blocks) for layer in layers if layer.holds(adapter_name)]
         return frozenset.intersection(*blocks) if blocks else frozenset({"Stack"})
     unknown = set(answer) - set(BLOCK_NAMES)
     if unknown:
