@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 from peftkit import MethodSpec, PeftConfig, hookimpl, plugins
 from peftkit.cli import make_cli
-from peftkit.cli.tables import human_size
+from peftkit.cli.tables import human_size, wrapped
 from peftkit.testing.models import tiny_llama
 from peftkit_lora import LoraConfig
 from safetensors.torch import save_file
@@ -257,6 +257,15 @@ def test_methods_table(runs):
     hooks = re.search(r"hooks:\s+(.*?)\n\s+location:", lora_block, re.S).group(1)
     assert re.split(r",\s+", hooks.strip()) == LORA_HOOKS
     assert re.search(r"location:\s+\S+peftkit_lora[/\\]plugin\.py$", lora_block, re.M)
+
+
+def test_listed_paths_and_names_are_wrapped_at_spaces_only_so_they_stay_whole():
+    path = "/tmp/pytest-of-root/pytest-79/popen-gw0/" + "a-long-folder-name/" * 5 + "peftkit_toy_plugin.py"
+    assert wrapped("location:", path) == [f"    location: {path}"]
+    hooks = ", ".join(f"peftkit_hook_number_{index}" for index in range(8))
+    lines = wrapped("hooks:", hooks)
+    assert len(lines) > 1 and all(len(line) <= 100 for line in lines)
+    assert " ".join(" ".join(lines).split()[1:]) == hooks  # every hook name whole, after the label
 
 
 def test_methods_json(runs):

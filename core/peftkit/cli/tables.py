@@ -15,11 +15,18 @@ def table(header: list[str], rows: list[list[str]], indent: str = "") -> list[st
 
 
 def wrapped(label: str, text: str) -> list[str]:
-    """``text`` after an indented label, wrapped at 100 columns under itself."""
+    """``text`` after an indented label, wrapped at 100 columns under itself, at spaces only: a path or a
+    name stays whole (one longer than the line, too), so it can be copied."""
     prefix = f"    {label:<10}"
-    return textwrap.wrap(text, width=100, initial_indent=prefix, subsequent_indent=" " * len(prefix)) or [
-        prefix.rstrip()
-    ]
+    lines = textwrap.wrap(
+        text,
+        width=100,
+        initial_indent=prefix,
+        subsequent_indent=" " * len(prefix),
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+    return lines or [prefix.rstrip()]
 
 
 def human_size(size: int) -> str:
