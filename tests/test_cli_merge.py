@@ -158,6 +158,9 @@ def test_the_cores_merge_and_unload_dequantizes_into_the_dtype_asked_for():
 def test_bitsandbytes_kernel_notice_is_dropped_while_loading_and_nothing_else():
     """The one bitsandbytes message peftkit drops (the end-to-end check, with bitsandbytes, is peftkit-bnb's)."""
     logger = logging.getLogger(BNB_KERNEL_NOTICE_LOGGER)
+    # other tests quiet the "bitsandbytes" logger (level ERROR); this one needs its warnings, in any order
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
@@ -172,6 +175,7 @@ def test_bitsandbytes_kernel_notice_is_dropped_while_loading_and_nothing_else():
         logger.warning(notice)  # outside the block: shown again
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     assert seen == ["4-bit weights on an unsupported device", notice]
 
 
