@@ -16,7 +16,7 @@ from peftkit_bottleneck.fusion_config import AdapterFusionConfig
 if TYPE_CHECKING:
     from peftkit_bottleneck.layer import BottleneckLayer
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = ["AdapterFusionConfig", "BottleneckConfig", "BottleneckLayer", "__version__"]
 
 # Imported on first use: the layer imports torch, and loading the plugin (peftkit methods) does not.

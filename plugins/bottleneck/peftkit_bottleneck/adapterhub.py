@@ -51,10 +51,10 @@ LOCATIONS: dict[str, dict[str, str]] = {
     "llama": _DECODER,
     "mistral": _DECODER,
 }
-# AdapterHub's parallel adapter reads the feed-forward block's residual input. On BERT that is what
-# peftkit-bottleneck's parallel style reads; on pre-norm decoders AdapterHub reads the residual stream before
-# the feed-forward norm, peftkit-bottleneck the MLP's input after it, so those are refused, not converted.
-PARALLEL_MODEL_TYPES = ("bert", "roberta")
+# AdapterHub's parallel adapter reads the feed-forward block's residual input: on pre-norm decoders the
+# residual stream before the feed-forward norm (parallel_input="residual"). On post-norm models (BERT) that is
+# also the block's input, so either parallel_input is AdapterHub's there.
+POST_NORM_MODEL_TYPES = ("bert", "roberta")
 # peftkit's tensor names and AdapterHub's (its down projection is the first module of a Sequential)
 TENSOR_NAMES = {
     "adapter_down.weight": "adapter_down.0.weight",
@@ -137,11 +137,12 @@ def _blocks(model: nn.Module, config: BottleneckConfig) -> list[tuple[int, str, 
             f"peftkit-bottleneck knows AdapterHub's adapter locations for model types {', '.join(sorted(LOCATIONS))} "
             f"only; {type(model).__name__} is model_type {model_type!r}"
         )
-    if config.is_parallel and model_type not in PARALLEL_MODEL_TYPES:
+    if config.is_parallel and not config.reads_residual_stream and model_type not in POST_NORM_MODEL_TYPES:
         raise AdapterLoadError(
             f"AdapterHub's parallel adapters on model_type {model_type!r} read the residual stream before the "
-            "feed-forward block's layer norm, and peftkit-bottleneck's style='parallel' reads the block's input "
-            f"after it; peftkit-bottleneck converts parallel adapters for {', '.join(PARALLEL_MODEL_TYPES)} only"
+            "feed-forward block's layer norm, and this adapter (BottleneckConfig.parallel_input='block_input') "
+            "reads the block's input after it; AdapterHub's format cannot hold it, so save it in peftkit's "
+            "format, or train one with parallel_input='residual'"
         )
     blocks = []
     for path, _, what in located_insertion_points(model, config):

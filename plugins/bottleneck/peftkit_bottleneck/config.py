@@ -11,6 +11,9 @@ from peftkit.config import PeftConfig, check_choice, check_probability, check_st
 STYLES = ("houlsby", "pfeiffer", "parallel")
 NON_LINEARITIES = ("relu", "gelu", "gelu_new", "swish", "silu", "tanh", "sigmoid", "leakyrelu", "linear")
 INIT_WEIGHTS = ("mam_adapter", "bert", "houlsby")
+# what a parallel adapter beside the feed-forward block reads: the residual stream before the block's layer
+# norm (AdapterHub's ParBnConfig), or the block's own input (after that norm on pre-norm models)
+PARALLEL_INPUTS = ("residual", "block_input")
 
 # AdapterHub's presets: DoubleSeqBnConfig (Houlsby et al. 2019), SeqBnConfig (Pfeiffer et al. 2020) and
 # ParBnConfig (He et al. 2022). init_weights is the exception: every style starts at the zero-up init.
@@ -40,7 +43,11 @@ class BottleneckConfig(PeftConfig):
     AdapterHub default. ``original_ln_before`` (AdapterHub's name; True for ``"pfeiffer"``, False
     otherwise): whether a sequential adapter reads the block's output after the residual connection
     and the layer norm that follows it (as AdapterHub's ``SeqBnConfig``) rather than the block's output
-    itself (``DoubleSeqBnConfig``). ``attention_modules`` and ``feedforward_modules`` name the blocks for
+    itself (``DoubleSeqBnConfig``). ``parallel_input`` (``style="parallel"`` only): what the adapter beside
+    the feed-forward block reads, ``"residual"`` (the default, AdapterHub's ``ParBnConfig``: the residual
+    stream r, before the layer norm that pre-norm models such as Llama and GPT-2 apply to the block's input)
+    or ``"block_input"`` (the block's own input, LN(r) on those models). On post-norm models such as BERT
+    the two are the same. ``attention_modules`` and ``feedforward_modules`` name the blocks for
     models whose layout peftkit-bottleneck does not know (names or name suffixes, or a regex on the full
     path).
     """
@@ -56,6 +63,7 @@ class BottleneckConfig(PeftConfig):
     dropout: float = 0.0
     cross_adapter: bool = False
     original_ln_before: bool | None = None
+    parallel_input: str | None = None
     attention_modules: list[str] | str | None = None
     feedforward_modules: list[str] | str | None = None
 
@@ -91,6 +99,17 @@ class BottleneckConfig(PeftConfig):
                 True,
                 "False or None with style='parallel' (a parallel adapter reads the block's input)",
             )
+        if self.is_parallel:
+            if self.parallel_input is None:
+                self.parallel_input = "residual"
+            check_choice(self, "parallel_input", PARALLEL_INPUTS)
+        elif self.parallel_input is not None:
+            raise fail(
+                self,
+                "parallel_input",
+                self.parallel_input,
+                f"None with style={self.style!r} (it says what a parallel adapter reads)",
+            )
         check_str_list(self, "attention_modules", allow_str=True)
         check_str_list(self, "feedforward_modules", allow_str=True)
         if self.attention_modules is not None and self.style != "houlsby":
@@ -107,11 +126,24 @@ class BottleneckConfig(PeftConfig):
         # read the block's output, which original_ln_before=False keeps
         if data.get("peft_type") == "BOTTLENECK" and "original_ln_before" not in data:
             data = {**data, "original_ln_before": False}
+        # saved before parallel_input existed (peftkit-bottleneck 0.3 and older): parallel adapters read the
+        # feed-forward block's input
+        if (
+            data.get("peft_type") == "BOTTLENECK"
+            and data.get("style") == "parallel"
+            and "parallel_input" not in data
+        ):
+            data = {**data, "parallel_input": "block_input"}
         return super().from_dict(data)
 
     @property
     def is_parallel(self) -> bool:
         return self.style == "parallel"
+
+    @property
+    def reads_residual_stream(self) -> bool:
+        """Whether a parallel adapter reads the residual stream before the feed-forward block's norm."""
+        return self.is_parallel and self.parallel_input == "residual"
 
     @property
     def adapts_attention(self) -> bool:

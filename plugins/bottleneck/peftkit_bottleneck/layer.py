@@ -8,6 +8,9 @@ placement at this block ``f``:
 - ``beside`` (parallel): ``y = f(x) + a(x)``;
 - ``beside_residual`` (parallel where ``f`` adds its own residual and normalises, as BERT's ``BertOutput``
   computes ``LayerNorm(dense(h) + r)``): ``y = f(h, r + a(r))``, which is ``LayerNorm(dense(h) + a(r) + r)``;
+- ``beside_stream`` (parallel on pre-norm models, whose block reads ``x = norm(r)`` of the residual stream
+  ``r``): ``y = f(x) + a(r)``, AdapterHub's parallel adapter; ``r`` is taken from the norm's input by a
+  forward pre-hook on the norm (:meth:`BottleneckLayer.read_stream_at`);
 - ``around_norm`` (sequential, reading the normalised residual sum, where ``f`` is the layer norm after a
   residual connection, as BERT's ``LayerNorm(dense(h) + r)``): ``y = f(s + a(f(s)))`` for its input ``s``,
   AdapterHub's ``original_ln_before=True``.
@@ -16,7 +19,8 @@ With ``up`` zero (the ``mam_adapter`` init) ``a`` is zero, so a new adapter leav
 
 Under a composition block (:mod:`peftkit.composition`) the adapters act on one state, as in AdapterHub:
 ``f(x)`` for ``after``, the residual input ``r`` for ``beside_residual``, the residual sum ``s`` for
-``around_norm`` (then ``f`` of the result), ``f(x)`` read beside ``x`` for ``beside``. One adapter's step adds
+``around_norm`` (then ``f`` of the result), ``f(x)`` read beside ``x`` for ``beside`` (beside ``r`` for
+``beside_stream``). One adapter's step adds
 its output to the state (``s ↦ s + a(f(s))`` around a norm), so ``Stack`` applies them in turn and
 ``Average`` weighs the states. ``Fuse`` adds an AdapterFusion layer's attention over the fused adapters'
 outputs (:mod:`peftkit_bottleneck.fusion`).
@@ -36,9 +40,12 @@ from peftkit.layer_access import LINEAR, LayerFeatures
 from torch import nn
 
 AFTER, BESIDE, BESIDE_RESIDUAL, AROUND_NORM = "after", "beside", "beside_residual", "around_norm"
-PLACEMENTS = (AFTER, BESIDE, BESIDE_RESIDUAL, AROUND_NORM)
-# the placements whose adapter reads what the block writes (the others read what it reads)
+BESIDE_STREAM = "beside_stream"
+PLACEMENTS = (AFTER, BESIDE, BESIDE_RESIDUAL, BESIDE_STREAM, AROUND_NORM)
+# the placements whose adapter reads what the block writes (the others read what it reads, or the stream)
 READS_OUTPUT = (AFTER, AROUND_NORM)
+# the placements whose adapter adds to the block's output beside it
+BESIDE_OUTPUT = (BESIDE, BESIDE_STREAM)
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -73,6 +80,9 @@ class BottleneckLayer(AdapterLayer):
     )
     supported_kinds = (LINEAR,)
     composition_blocks = BLOCK_NAMES
+    # beside_stream: the norm whose input is the residual stream, and that input in the current forward
+    _stream_norm: nn.Module | None = None
+    _stream: torch.Tensor | None = None
 
     def __init__(self, base_layer: nn.Module, features: LayerFeatures) -> None:
         super().__init__(base_layer, features)
@@ -101,6 +111,8 @@ class BottleneckLayer(AdapterLayer):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         d_out = self.features.out_features
+        if placement == BESIDE_STREAM and self._stream_norm is None:
+            raise ValueError("a beside_stream adapter needs read_stream_at(norm) first")
         d_in = d_out if placement in READS_OUTPUT else self.features.in_features
         m = bottleneck_size(config, d_in)
         self.adapter_down[adapter_name] = nn.Linear(d_in, m)
@@ -129,6 +141,47 @@ class BottleneckLayer(AdapterLayer):
             for weight in (down.weight, up.weight):
                 nn.init.trunc_normal_(weight, std=1e-2, a=-2e-2, b=2e-2)
 
+    def read_stream_at(self, norm: nn.Module) -> None:
+        """Read the residual stream for ``beside_stream`` adapters at ``norm``'s input: the layer norm whose
+        output this block reads. A forward pre-hook on ``norm`` keeps its input until this block runs."""
+        if self._stream_norm is norm:
+            return
+        if self._stream_norm is not None:
+            raise ValueError(
+                f"{type(self.base_layer).__name__} already reads the residual stream at another module"
+            )
+        object.__setattr__(self, "_stream_norm", norm)  # not a submodule: the model holds it elsewhere
+        norm.register_forward_pre_hook(self._keep_stream, with_kwargs=True)
+
+    def _keep_stream(self, norm: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._stream = args[0] if args else next(iter(kwargs.values()))
+
+    def _stop_reading_stream(self) -> None:
+        norm = self._stream_norm
+        if norm is None:
+            return
+        # found by owner, not by a kept handle: a deep copy's handle would point at the original's hooks
+        for key, hook in list(norm._forward_pre_hooks.items()):
+            if getattr(hook, "__self__", None) is self:
+                del norm._forward_pre_hooks[key]
+                norm._forward_pre_hooks_with_kwargs.pop(key, None)
+        object.__setattr__(self, "_stream_norm", None)
+        self._stream = None
+
+    def _take_stream(self) -> torch.Tensor | None:
+        """The residual stream kept for this call, let go of so no tensor outlives the forward."""
+        stream, self._stream = self._stream, None
+        return stream
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if BESIDE_STREAM not in self.placement.values():
+            self._stop_reading_stream()
+
+    def unloaded(self) -> nn.Module:
+        self._stop_reading_stream()
+        return super().unloaded()
+
     def add_fusion(self, fusion_name: str, config: Any, dropout_prob: float) -> None:
         """An AdapterFusion layer over adapters this block holds (:mod:`peftkit_bottleneck.fusion`)."""
         from peftkit_bottleneck.fusion import FusionLayer
@@ -150,8 +203,9 @@ class BottleneckLayer(AdapterLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # blocks are called positionally (an MLP) or by keyword (Llama's self_attn(hidden_states=...)):
         # take the arguments as they come and find the block's input only when an adapter reads it
+        stream = self._take_stream() if self._stream_norm is not None else None
         if self.active_composition is not None and not self.disabled:
-            return self._composed_forward(self.active_composition, args, kwargs)
+            return self._composed_forward(self.active_composition, args, kwargs, stream)
         pending = [] if self.disabled else [name for name in self.active_adapters if name in self.placement]
         residual_names = [name for name in pending if self.placement[name] == BESIDE_RESIDUAL]
         if residual_names:
@@ -160,19 +214,29 @@ class BottleneckLayer(AdapterLayer):
         norm_names = [name for name in pending if self.placement[name] == AROUND_NORM]
         if norm_names:
             result = self._around_norm(norm_names, result, args, kwargs)
-        output_names = [name for name in pending if self.placement[name] in (AFTER, BESIDE)]
+        output_names = [name for name in pending if self.placement[name] in (AFTER, *BESIDE_OUTPUT)]
         if not output_names:
             return result
-        reads_input = any(self.placement[name] == BESIDE for name in output_names)
-        x = self._block_input(args, kwargs) if reads_input else None
-        return self.adapter_output(x, result, output_names)
-
-    def adapter_output(self, x: torch.Tensor | None, result: Any, adapter_names: list[str]) -> Any:
         h = result[0] if isinstance(result, tuple) else result
+        reads = {AFTER: h}
+        if any(self.placement[name] == BESIDE for name in output_names):
+            reads[BESIDE] = self._block_input(args, kwargs)
+        if any(self.placement[name] == BESIDE_STREAM for name in output_names):
+            reads[BESIDE_STREAM] = self._checked_stream(stream)
         out = h
-        for name in adapter_names:
-            out = out + self.adapter_delta(name, h if self.placement[name] == AFTER else x)
+        for name in output_names:
+            out = out + self.adapter_delta(name, reads[self.placement[name]])
         return (out, *result[1:]) if isinstance(result, tuple) else out
+
+    def _checked_stream(self, stream: torch.Tensor | None) -> torch.Tensor:
+        if stream is None:
+            raise RuntimeError(
+                f"a parallel bottleneck adapter on {type(self.base_layer).__name__} reads the residual stream at "
+                f"the input of {type(self._stream_norm).__name__}, which did not run before it in this forward; "
+                "the model calls its blocks in another order than its layout says (use BottleneckConfig("
+                "parallel_input='block_input') to read the block's input instead)"
+            )
+        return stream
 
     def _block_input(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         if args:
@@ -236,7 +300,7 @@ class BottleneckLayer(AdapterLayer):
                 f"bottleneck adapters {held} sit in one block with different placements ({sorted(placements)}), "
                 "which one composition cannot combine; compose adapters of one style"
             )
-        if placements & {BESIDE, BESIDE_RESIDUAL}:
+        if placements & {BESIDE, BESIDE_STREAM, BESIDE_RESIDUAL}:
             if any(
                 sum(1 for child in stack if set(_names(child)) & set(held)) > 1 for stack in _stacks(block)
             ):
@@ -269,7 +333,9 @@ class BottleneckLayer(AdapterLayer):
                         f"only the sum. Use {option}=False, or adapters with original_ln_before=False"
                     )
 
-    def _composed_forward(self, block: Child, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def _composed_forward(
+        self, block: Child, args: tuple, kwargs: dict[str, Any], stream: torch.Tensor | None = None
+    ) -> Any:
         held = [name for name in _names(block) if name in self.placement]
         if not held:
             return self.base_layer(*args, **kwargs)
@@ -292,10 +358,13 @@ class BottleneckLayer(AdapterLayer):
             (out,) = compose(
                 block, (h,), step, fuse=self._fuser(lambda state: state, step), where=self._where
             )
-        else:  # BESIDE: each adapter reads the block's input
-            out = compose(
-                block, (self._block_input(args, kwargs), h), self._add_outputs_beside, where=self._where
-            )[-1]
+        else:  # BESIDE: each adapter reads the block's input; BESIDE_STREAM: the residual stream
+            reads = (
+                self._checked_stream(stream)
+                if placement == BESIDE_STREAM
+                else self._block_input(args, kwargs)
+            )
+            out = compose(block, (reads, h), self._add_outputs_beside, where=self._where)[-1]
         return (out, *result[1:]) if isinstance(result, tuple) else out
 
     @property

@@ -24,6 +24,7 @@ from peftkit_bottleneck.layer import (
     AROUND_NORM,
     BESIDE,
     BESIDE_RESIDUAL,
+    BESIDE_STREAM,
     READS_OUTPUT,
     BottleneckLayer,
     bottleneck_size,
@@ -41,6 +42,10 @@ class Layout:
     stream, for adapters with ``original_ln_before=True``; ``sum_placement`` says how an adapter sits
     there: ``around_norm`` on the layer norm that follows the residual add (post-norm models such as
     BERT), ``after`` the sub-layer or layer that returns the sum (pre-norm models).
+
+    ``feedforward_norm``: on pre-norm models, the name of the layer norm (a sibling of the feed-forward
+    block) whose input is the residual stream that a parallel adapter with ``parallel_input="residual"``
+    reads.
     """
 
     attention: str
@@ -50,6 +55,7 @@ class Layout:
     attention_sum: str | None = None
     feedforward_sum: str | None = None
     sum_placement: str = AFTER
+    feedforward_norm: str | None = None
 
 
 _BERT = Layout(
@@ -62,7 +68,10 @@ _BERT = Layout(
 )
 # pre-norm decoders: the decoder layer returns the residual stream after its feed-forward block
 _DECODER = Layout(
-    attention=r"layers\.\d+\.self_attn", feedforward=r"layers\.\d+\.mlp", feedforward_sum=r"layers\.\d+"
+    attention=r"layers\.\d+\.self_attn",
+    feedforward=r"layers\.\d+\.mlp",
+    feedforward_sum=r"layers\.\d+",
+    feedforward_norm="post_attention_layernorm",
 )
 _T5 = Layout(
     attention=r"SelfAttention",
@@ -71,6 +80,7 @@ _T5 = Layout(
     # T5's sub-layers (self-attention, [cross-attention,] feed-forward) each add their own residual
     attention_sum=r"block\.\d+\.layer\.0",
     feedforward_sum=r"(?:encoder\.block\.\d+\.layer\.1|decoder\.block\.\d+\.layer\.2)",
+    feedforward_norm="layer_norm",
 )
 
 LAYOUTS: dict[str, Layout] = {
@@ -81,6 +91,7 @@ LAYOUTS: dict[str, Layout] = {
         feedforward=r"h\.\d+\.mlp",
         cross_attention=r"h\.\d+\.crossattention",
         feedforward_sum=r"h\.\d+",
+        feedforward_norm="ln_2",
     ),
     "llama": _DECODER,
     "mistral": _DECODER,
@@ -103,12 +114,15 @@ def add_adapters(model: nn.Module, config: BottleneckConfig, adapter_name: str) 
         _check_bottleneck(
             config, path, features.out_features if placement in READS_OUTPUT else features.in_features
         )
-        planned.append((path, placement, what, module, features))
-    for path, placement, what, module, features in planned:
+        norm = stream_norm(model, path) if placement == BESIDE_STREAM else None
+        planned.append((path, placement, what, module, features, norm))
+    for path, placement, what, module, features, norm in planned:
         training = module.training
         if not isinstance(module, BottleneckLayer):
             module = BottleneckLayer(module, features)
             model.set_submodule(path, module)
+        if norm is not None:
+            module.read_stream_at(norm)
         module.update_layer(adapter_name, config, path, placement=placement, block=what)
         # new submodules (dropout) start in training mode: give them the mode of the block they adapt
         module.train(training)
@@ -142,15 +156,19 @@ def _groups(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, Any, 
     if layout is None and any(getattr(config, name) is None for name in wanted):
         raise TargetModulesError(_unknown_layout_message(model, config))
     groups = []
+    feedforward_placement = after_or_beside
+    if config.reads_residual_stream and not (layout and layout.parallel_residual):
+        feedforward_placement = _stream_placement(model, layout)
     if config.feedforward_modules is not None:
-        groups.append(("feedforward_modules", config.feedforward_modules, after_or_beside))
+        groups.append(("feedforward_modules", config.feedforward_modules, feedforward_placement))
     elif config.is_parallel and layout.parallel_residual:
+        # post-norm: the feed-forward block's residual input is both the stream and the block's input
         groups.append(("feedforward_modules", _suffix(layout.parallel_residual), BESIDE_RESIDUAL))
     elif config.reads_normalized_sum:
         sum_block = _sum_block(model, config, layout, "feedforward")
         groups.append(("feedforward_modules", _suffix(sum_block), layout.sum_placement))
     else:
-        groups.append(("feedforward_modules", _suffix(layout.feedforward), after_or_beside))
+        groups.append(("feedforward_modules", _suffix(layout.feedforward), feedforward_placement))
     if config.adapts_attention:
         if config.attention_modules is not None:
             spec, placement = config.attention_modules, AFTER
@@ -168,6 +186,32 @@ def _groups(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, Any, 
             )
         groups.append(("cross_adapter", _suffix(layout.cross_attention), after_or_beside))
     return groups
+
+
+def _stream_placement(model: nn.Module, layout: Layout | None) -> str:
+    if layout is None or layout.feedforward_norm is None:
+        raise TargetModulesError(
+            f"BottleneckConfig(style='parallel', parallel_input='residual') reads the residual stream at the "
+            f"input of the layer norm before the feed-forward block, and peftkit-bottleneck does not know that "
+            f"norm in {type(model).__name__} (model_type {_model_type(model)!r}); set parallel_input="
+            "'block_input' to read the feed-forward block's own input"
+        )
+    return BESIDE_STREAM
+
+
+def stream_norm(model: nn.Module, path: str) -> nn.Module:
+    """The layer norm beside the feed-forward block at ``path`` whose input is the residual stream."""
+    layout = LAYOUTS[_model_type(model)]
+    parent_path, _, _ = path.rpartition(".")
+    norm = getattr(model.get_submodule(parent_path), layout.feedforward_norm, None)
+    if not isinstance(norm, nn.Module):
+        raise TargetModulesError(
+            f"a parallel adapter on {path!r} reads the residual stream at the input of its sibling "
+            f"{layout.feedforward_norm!r}, which {parent_path!r} does not have; name feed-forward blocks that sit "
+            "beside that norm, or set BottleneckConfig.parallel_input='block_input'"
+        )
+    # the innermost module: an adapter on the norm itself (LN tuning) may be unloaded, the norm stays
+    return norm.get_base_layer() if isinstance(norm, AdapterLayer) else norm
 
 
 def _sum_block(model: nn.Module, config: BottleneckConfig, layout: Layout, block: str) -> str:

@@ -25,7 +25,11 @@ MODELS = [
     (tiny_bert, "pfeiffer"),
     (tiny_bert, "parallel"),
     (tiny_llama, "houlsby"),
-    (tiny_llama, "pfeiffer"),  # GPT-2's pfeiffer adapters gave AdapterHub's outputs too (≤ 9.6e-7); left out for time
+    (
+        tiny_llama,
+        "pfeiffer",
+    ),  # GPT-2's pfeiffer adapters gave AdapterHub's outputs too (≤ 9.6e-7); left out for time
+    (tiny_llama, "parallel"),
 ]
 
 # (peftkit's block, AdapterHub's): AdapterHub's Average takes torch.mean over the weighted outputs, so the

@@ -25,7 +25,9 @@ CASES = [
     (tiny_bert, "parallel"),
     (tiny_llama, "houlsby"),
     (tiny_llama, "pfeiffer"),
+    (tiny_llama, "parallel"),
     (tiny_gpt2, "pfeiffer"),
+    (tiny_gpt2, "parallel"),
 ]
 ids = [f"{build.__name__}-{style}" for build, style in CASES]
 
@@ -92,10 +94,9 @@ def test_a_peftkit_adapter_saved_for_adapterhub_loads_there_with_the_same_output
     assert relative_difference(ours, outputs(theirs.eval())) < TOLERANCE
 
 
-def test_adapterhubs_parallel_adapter_on_a_decoder_is_refused_not_converted(tmp_path):
-    base = tiny_llama()
-    adapterhub_model(twin(base), "parallel").save_adapter(str(tmp_path), "task")
+def test_a_decoder_parallel_adapter_reading_the_block_input_is_not_written_for_adapterhub(tmp_path):
+    model = get_peft_model(tiny_llama(), BottleneckConfig(style="parallel", parallel_input="block_input"))
     with pytest.raises(
         Exception, match="AdapterHub's parallel adapters on model_type 'llama' read the residual"
     ):
-        PeftModel.from_pretrained(base, tmp_path)
+        model.save_pretrained(tmp_path, format="adapterhub")

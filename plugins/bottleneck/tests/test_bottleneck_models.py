@@ -144,8 +144,8 @@ def test_sequential_adapter_adds_its_output_after_the_llama_mlp():
         assert torch.allclose(layer(x), expected, atol=1e-6)
 
 
-def test_parallel_adapter_reads_the_llama_mlp_input():
-    model = get_peft_model(llama(), BottleneckConfig(style="parallel"))  # relu, scaling 4.0
+def test_parallel_adapter_reading_the_block_input_reads_the_llama_mlp_input():
+    model = get_peft_model(llama(), BottleneckConfig(style="parallel", parallel_input="block_input"))
     randomize_trainable(model)
     layer = model.get_submodule("base_model.model.model.layers.0.mlp")
     x = torch.randn(2, 5, 32)
@@ -213,7 +213,7 @@ def test_several_adapters_of_mixed_styles_on_one_llama_switch_and_add_up():
         outs[name] = logits(model)
     assert not torch.equal(outs["default"], outs["par"])
     mlp = model.get_submodule("base_model.model.model.layers.0.mlp")
-    assert mlp.placement == {"default": "after", "par": "beside"}
+    assert mlp.placement == {"default": "after", "par": "beside_stream"}
     model.set_adapter(["default", "par"])
     both = logits(model)
     assert not torch.equal(both, outs["default"]) and not torch.equal(both, outs["par"])
@@ -321,7 +321,8 @@ def test_explicit_names_on_a_plain_module_tuple_outputs_and_sizes_from_inner_lay
 
 
 def test_parallel_on_a_named_linear_reads_its_input_size():
-    model = get_peft_model(Plain(), BottleneckConfig(style="parallel", feedforward_modules=r".*ff\.2"))
+    config = BottleneckConfig(style="parallel", parallel_input="block_input", feedforward_modules=r".*ff\.2")
+    model = get_peft_model(Plain(), config)
     layer = model.get_submodule("base_model.model.blocks.0.ff.2")
     assert tuple(layer.adapter_down["default"].weight.shape) == (16, 32)  # reads 32, reduction_factor 2
     assert tuple(layer.adapter_up["default"].weight.shape) == (16, 16)

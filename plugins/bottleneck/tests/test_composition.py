@@ -88,6 +88,15 @@ KINDS = {
     "llama_parallel": (
         tiny_llama,
         {
+            "a": parallel(reduction_factor=4, parallel_input="block_input"),
+            "b": parallel(reduction_factor=8, non_linearity="tanh", scaling=0.5, parallel_input="block_input"),
+            "c": parallel(reduction_factor=2, scaling=1.0, parallel_input="block_input"),
+        },
+    ),
+    # beside Llama's MLP, reading the residual stream before its norm (AdapterHub's parallel adapter)
+    "llama_parallel_stream": (
+        tiny_llama,
+        {
             "a": parallel(reduction_factor=4),
             "b": parallel(reduction_factor=8, non_linearity="tanh", scaling=0.5),
             "c": parallel(reduction_factor=2, scaling=1.0),
@@ -108,7 +117,10 @@ LAYER_PATHS = {
     "bert_pfeiffer": "base_model.model.bert.encoder.layer.0.output.LayerNorm",
     "bert_parallel": "base_model.model.bert.encoder.layer.0.output",
     "llama_parallel": "base_model.model.model.layers.0.mlp",
+    "llama_parallel_stream": "base_model.model.model.layers.0.mlp",
 }
+# where llama_parallel_stream's adapters read the stream: the MLP runs on this norm's output
+STREAM_NORM = "base_model.model.model.layers.0.post_attention_layernorm"
 _BUILT: dict[str, object] = {}
 
 
@@ -165,6 +177,10 @@ def layer_reference(kind: str, model, layer, inputs, combine) -> torch.Tensor:
     if kind == "llama_parallel":  # state: the MLP's output; a reads the MLP's input x
         (x,) = inputs
         return combine(base(x), lambda name, h: h + adapter(model, layer, name, x))
+    if kind == "llama_parallel_stream":  # state: the MLP's output on norm(r); a reads the stream r
+        (r,) = inputs
+        x = model.get_submodule(STREAM_NORM)(r)
+        return combine(base(x), lambda name, h: h + adapter(model, layer, name, r))
     if kind == "bert_pfeiffer":  # state: the residual sum s; a reads LN(s); the block returns LN(final s)
         s = combine(inputs[0], lambda name, s: s + adapter(model, layer, name, layer_norm(base, s)))
         return layer_norm(base, s)
@@ -195,6 +211,8 @@ def averaged(weights, names):
 def run_layer(model, kind: str, block, inputs) -> torch.Tensor:
     model.set_adapter(block)
     with torch.no_grad():
+        if kind == "llama_parallel_stream":  # the norm first, as the decoder layer calls them
+            return model.get_submodule(LAYER_PATHS[kind])(model.get_submodule(STREAM_NORM)(*inputs))
         return model.get_submodule(LAYER_PATHS[kind])(*inputs)
 
 
@@ -452,7 +470,7 @@ def test_a_split_that_does_not_cover_the_sequence_is_refused():
 
 
 # --- rows: BatchSplit, MultiTask, Parallel ---------------------------------------------------------------------
-ROW_KINDS = ["llama_houlsby", "bert_pfeiffer", "bert_parallel", "llama_pfeiffer"]
+ROW_KINDS = ["llama_houlsby", "bert_pfeiffer", "bert_parallel", "llama_pfeiffer", "llama_parallel_stream"]
 
 
 @SETTINGS
@@ -517,7 +535,7 @@ def test_stack_with_a_batch_split_inside():
 
 
 # --- what is refused --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["bert_parallel", "llama_parallel"])
+@pytest.mark.parametrize("kind", ["bert_parallel", "llama_parallel", "llama_parallel_stream"])
 @pytest.mark.parametrize(
     "block",
     [Stack("a", "b"), Average(Stack("a", "b"), "c"), BatchSplit(Stack("c", "a"), "b", batch_sizes=[1, 1])],

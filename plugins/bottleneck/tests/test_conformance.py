@@ -25,8 +25,11 @@ class TestBottleneckConformance(ConformanceSuite):
         styles = ["houlsby", "pfeiffer"] + ([] if case.kind == "bert" else ["parallel"])
         style = draw(st.sampled_from(styles), label="style")
         names = {}
+        if style == "parallel":  # the plain model has no norm before its feed-forward block to read at
+            inputs = ["block_input"] if case.kind == "plain" else ["residual", "block_input"]
+            names["parallel_input"] = draw(st.sampled_from(inputs), label="parallel_input")
         if case.kind == "plain":
-            names = {"feedforward_modules": PLAIN_BLOCKS["feedforward_modules"]}
+            names["feedforward_modules"] = PLAIN_BLOCKS["feedforward_modules"]
             if style == "houlsby":
                 names["attention_modules"] = PLAIN_BLOCKS["attention_modules"]
         return BottleneckConfig(
