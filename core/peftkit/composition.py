@@ -20,6 +20,7 @@ Row blocks (``BatchSplit``, ``MultiTask``, ``Parallel``) become :class:`Rows` fo
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -317,6 +318,16 @@ class Rows:
     def flatten(self) -> list[str]:
         return _flatten(self.children)
 
+    @functools.cached_property
+    def spans(self) -> list[tuple[int, int]] | None:
+        """Each child's rows as one ``(start, stop)`` range, when they follow one another in the children's
+        order (``BatchSplit``, ``Parallel``); None when rows interleave (``MultiTask``)."""
+        if any(later < earlier for earlier, later in zip(self.child_of_row, self.child_of_row[1:])):
+            return None
+        counts = [self.child_of_row.count(index) for index in range(len(self.children))]
+        starts = [sum(counts[:index]) for index in range(len(counts))]
+        return [(start, start + count) for start, count in zip(starts, counts)]
+
     def row_adapters(self) -> RowAdapters | None:
         """Each row's adapter name, when every child is a plain adapter name (else None), made once per call so
         that every layer shares its groupings (see :mod:`peftkit.mixed_batch`)."""
@@ -475,6 +486,14 @@ def _rows(node: Rows, state: State, walk: Callable, rows_of_names: Callable | No
     rows = node.row_adapters()
     if rows is not None and rows_of_names is not None:
         return rows_of_names(rows, state)
+    spans = node.spans
+    if spans is not None:  # each child's rows are a slice: no gather, and the parts joined once
+        parts = [
+            walk(child, tuple(t[start:stop] for t in state))[-1].to(out.dtype)
+            for child, (start, stop) in zip(node.children, spans)
+            if stop > start
+        ]
+        return (*state[:-1], torch.cat(parts))
     out = out.clone()  # one copy, then each child's rows written into it
     for index, child in enumerate(node.children):
         selected = node.selected(index, out.device)
