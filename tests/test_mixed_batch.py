@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peftkit import AdapterLayer, IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
+from peftkit.mixed_batch import RowAdapters
 from peftkit.testing.models import tiny_llama
 from peftkit_lora.layer import LoraLayer
 
@@ -61,6 +62,38 @@ def test_the_grouped_lora_path_equals_running_each_adapter_on_its_rows(model, mo
         monkeypatch.setattr(LoraLayer, "mixed_batch_output", AdapterLayer.mixed_batch_output)
         looped = model(input_ids=ids, adapter_names=names).logits
     torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("names", "length", "way"),
+    [
+        (["default", "default", "small", "small"], 3, "in order"),  # q_proj and v_proj hold both: a view
+        (["small", "default", "__base__", "default"], 6, "by row"),  # 6 tokens a row, rank 4: weights by row
+        (["small", "default", "__base__", "default"], 2, "grouped"),  # 2 tokens a row: tokens grouped
+    ],
+)
+def test_each_way_of_running_lora_rows_gives_each_row_its_own_adapter(model, monkeypatch, names, length, way):
+    ways = []
+    grouping, by_row = RowAdapters.grouping, LoraLayer._mixed_batch_by_row
+
+    def spy_grouping(self, *args):
+        result = grouping(self, *args)
+        ways.append("in order" if result.in_order else "grouped")
+        return result
+
+    def spy_by_row(self, *args):
+        ways[-1] = "by row"
+        return by_row(self, *args)
+
+    monkeypatch.setattr(RowAdapters, "grouping", spy_grouping)
+    monkeypatch.setattr(LoraLayer, "_mixed_batch_by_row", spy_by_row)
+    ids = torch.randint(1, 128, (len(names), length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        monkeypatch.undo()
+        expected = one_row_at_a_time(model, ids, names)
+    assert way in ways
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_rows_run_without_a_loop_over_adapters(model, monkeypatch):

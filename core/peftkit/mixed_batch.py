@@ -30,12 +30,16 @@ class Grouping:
     ``torch.bmm`` against the adapters' stacked weights: each adapter's weights are read once, not per
     row. ``scatter`` maps back: for each token, its place in the flattened result, or
     ``adapters × width`` (a zero row appended) where the token's row has no adapter in this layer.
+
+    ``in_order``: the tokens are already arranged so (every token has an adapter here, each adapter's tokens
+    come together, in ``held``'s order, as many for each): the input is its own grouping, a ``view``.
     """
 
     gather: torch.Tensor
     scatter: torch.Tensor
     adapters: int
     width: int
+    in_order: bool = False
 
 @dataclass
 class RowAdapters:
@@ -83,7 +87,10 @@ class RowAdapters:
             gather[place] = tokens
             scatter = torch.full((len(per_token),), len(held) * width, dtype=torch.long, device=device)
             scatter[tokens] = place
-            self._groupings[key] = Grouping(gather, scatter, len(held), width)
+            in_order = len(gather) == len(per_token) and bool(
+                torch.equal(gather, torch.arange(len(gather), device=device))
+            )
+            self._groupings[key] = Grouping(gather, scatter, len(held), width, in_order)
         return self._groupings[key]
 
 

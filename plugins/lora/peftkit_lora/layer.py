@@ -452,8 +452,12 @@ class LoraLayer(AdapterLayer):
         return self._fuses(adapter, a, x, base.weight)
 
     def mixed_batch_output(self, x: torch.Tensor, result: torch.Tensor, rows) -> torch.Tensor:
-        """Every row's own adapter at once: two ``bmm`` over the tokens grouped by adapter, against the
-        adapters' stacked A and B (scale folded into B), so each adapter's weights are read once."""
+        """Every row's own adapter at once, with two ``bmm`` against the adapters' stacked A and B (scale
+        folded into B). Rows already grouped by adapter (a ``BatchSplit`` of equal parts) are a view of
+        the input; rows of many tokens each take their adapter's weights by index (as under compile),
+        which copies less than grouping their tokens; short rows (generation) group their tokens by
+        adapter, so each adapter's weights are read once. At inference the first two add into the base
+        output in place, as the fused LoRA node does: no update tensor the size of the batch."""
         if torch.compiler.is_compiling():
             # every adapter the layer holds, not the batch's: which ones a batch names changes no guard
             held = tuple(self.adapter_names)
@@ -470,10 +474,23 @@ class LoraLayer(AdapterLayer):
                 "with lora_dropout=0"
             )
         if torch.compiler.is_compiling():
-            return self._mixed_batch_compiled(x, result, rows, held)
-        lora_a, lora_b = self._stacked(held)
+            return self._mixed_batch_by_row(x, result, rows, held)
+        lora_a, lora_b = self._stacked(held, zero_slot=True)  # one stack for all three ways (cached)
         rows_x = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
-        grouping = rows.grouping(held, rows_x.shape[0] // x.shape[0], x.device)
+        tokens_per_row = rows_x.shape[0] // x.shape[0]
+        grouping = rows.grouping(held, tokens_per_row, x.device)
+        if grouping.in_order:
+            grouped = rows_x.view(grouping.adapters, grouping.width, -1)
+            if self._adds_in_place(result, lora_b):
+                out = result.view(grouping.adapters, grouping.width, -1)
+                for index in range(grouping.adapters):  # each adapter's rows are one slice of the output
+                    out[index].addmm_(grouped[index] @ lora_a[index], lora_b[index])
+                return result
+            update = torch.bmm(torch.bmm(grouped, lora_a[:-1]), lora_b[:-1])
+            return result + update.view(result.shape).to(result.dtype)
+        if tokens_per_row >= lora_a.shape[-1]:  # more tokens than the rank: the weights are the smaller copy
+            return self._mixed_batch_by_row(x, result, rows, held)
+        lora_a, lora_b = lora_a[:-1], lora_b[:-1]
         padded_x = torch.cat([rows_x, rows_x.new_zeros(1, rows_x.shape[-1])])
         grouped = padded_x.index_select(0, grouping.gather).view(grouping.adapters, grouping.width, -1)
         update = torch.bmm(torch.bmm(grouped, lora_a), lora_b)
@@ -482,16 +499,32 @@ class LoraLayer(AdapterLayer):
         flat = result.reshape(-1, result.shape[-1])
         return (flat + padded_update.index_select(0, grouping.scatter).to(flat.dtype)).view(result.shape)
 
-    def _mixed_batch_compiled(self, x: torch.Tensor, result: torch.Tensor, rows, held: tuple[str, ...]):
-        """Under torch.compile: each row gathers its adapter's stacked A and B by index (a zero slot for rows
-        without one here). Only tensors change from batch to batch, so a new set of adapters recompiles
+    def _mixed_batch_by_row(self, x: torch.Tensor, result: torch.Tensor, rows, held: tuple[str, ...]):
+        """Each row gathers its adapter's stacked A and B by index (a zero slot for rows without one here).
+        Under torch.compile only tensors change from batch to batch, so a new set of adapters recompiles
         nothing; the stacks are built in the graph, as it can keep no cache between calls."""
         positions = rows.row_index(held, x.device)
         lora_a, lora_b = self._stacked(held, zero_slot=True)
         slot = torch.where(positions >= 0, positions, len(held))
         rows_x = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_a.dtype)
-        update = torch.bmm(torch.bmm(rows_x, lora_a[slot]), lora_b[slot])
+        down = torch.bmm(rows_x, lora_a[slot])
+        if self._adds_in_place(result, lora_b):
+            result.view(down.shape[0], down.shape[1], -1).baddbmm_(down, lora_b[slot])
+            return result
+        update = torch.bmm(down, lora_b[slot])
         return result + update.view(result.shape).to(result.dtype)
+
+    @staticmethod
+    def _adds_in_place(result: torch.Tensor, lora_b: torch.Tensor) -> bool:
+        """Whether a mixed batch may add into the base layer's output itself: eager inference (no graph
+        records the output, and a compiled graph stays functional) on a contiguous output of the adapters'
+        dtype."""
+        return (
+            not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and result.requires_grad)
+            and result.dtype == lora_b.dtype
+            and result.is_contiguous()
+        )
 
     def _mixed_batch_plan(self, rows) -> tuple[tuple[str, ...], bool]:
         """The adapters of the batch this layer holds, and whether the grouped path can run them (a
