@@ -30,8 +30,8 @@ take part in a block gets rows saying why instead of figures.
 
 Figures as in docs/benchmarks.md: the median time of each composed contender over the median time of
 the 8 separate batches, contenders interleaved round by round (benchmarks/common.py); below 1 ×, the
-composition is faster (the speed-up, separate over composed, is in the last column). Not part of
-``benchmarks.run``; written by hand into docs/benchmarks.md.
+composition is faster (the speed-up, separate over composed, is in the last column). Also a section of
+``benchmarks.run`` (``composition-serving``, with a fifth of its rounds).
 """
 
 from __future__ import annotations

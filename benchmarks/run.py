@@ -24,6 +24,7 @@ import transformers
 from benchmarks import (
     compiled_hotswap,
     compiled_step,
+    composition_serving,
     graph_breaks,
     injection,
     loading,
@@ -62,6 +63,11 @@ def main() -> None:
         ),
         "graph-breaks": ("graph breaks of every method", lambda: graph_breaks.run(args.device)),
         "mixed-batch": ("mixed-adapter batch", lambda: mixed_batch.run(args.device, args.rounds)),
+        # each round serves 8 × k rows three ways, seconds on a CPU: a fifth of the rounds
+        "composition-serving": (
+            "serving 8 adapters: BatchSplit and MultiTask",
+            lambda: composition_serving.run(args.device, max(3, args.rounds // 5)),
+        ),
         "injection": (
             "get_peft_model on a 7B meta model",
             lambda: injection.run(args.device, max(3, args.rounds // 3)),
