@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from typing import Any
 
-__version__ = "0.8.0"
+__version__ = "0.8.1"
 
 _EXPORTS = {
     "get_peft_model": "peftkit.model",

@@ -10,7 +10,7 @@ from peftkit_lora.config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig
 if TYPE_CHECKING:
     from peftkit_lora.layer import LoraLayer
 
-__version__ = "0.7.0"
+__version__ = "0.7.1"
 __all__ = [
     "CordaConfig",
     "EvaConfig",
