@@ -309,13 +309,14 @@ class PeftModel(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
         fused = {name for fuse in fuse_blocks(self.active_composition) for name in fuse.flatten()}
+        layers = [layer for _, layer in self.adapter_layers()]  # walked once, not once per adapter
         for name in self.active_adapters:
             if name in fused:
                 continue
             config = self.peft_config[name]
             if config.inference_mode:
                 continue
-            for _, layer in self.adapter_layers():
+            for layer in layers:
                 for _, param in layer.adapter_parameters(name):
                     param.requires_grad_(True)
             if name in self.prompt_modules:
