@@ -15,6 +15,9 @@ AdapterHub's ``pfeiffer`` preset by default) whose tensors are all drawn at rand
 - *MultiTask*: one forward of the rows in a shuffled order under ``MultiTask(a0, ..., a7)``, ``task_ids=``
   naming each row's adapter by index (the output then gathered back into the batch's order).
 
+Beside them, the base model alone (``disable_adapter()``) as one batch and as 8: a large batch can cost a
+model more than its parts on a CPU (caches), and that share of each composed figure is not the adapters'.
+
 The separate batches switch adapters inside their time, as they must; a block is set before its
 contender's call, untimed, as a server keeps one active from batch to batch. What setting the block
 costs, for a server whose ``batch_sizes`` change with every batch, is timed on its own
@@ -64,6 +67,8 @@ LORA_TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
 TOLERANCE = 1e-4
 SEPARATE = "8 separate batches"
 SET_BLOCK = "set_adapter(BatchSplit)"
+# the base model alone (adapters disabled), as one batch and as 8: what batching costs the model itself
+BASE_ONE, BASE_EIGHT = "base model, 1 batch", "base model, 8 batches"
 
 
 def model_path() -> str:
@@ -118,11 +123,12 @@ def contenders(model, ids: torch.Tensor, per_adapter: int, seed: int) -> tuple[d
     for block in (batch_split, multi_task):  # refused blocks fail here, before any timing
         model.set_adapter(block)
 
-    def separate():
+    def separate(switch: bool = True):
         outputs = []
         for index, name in enumerate(NAMES):
             rows = slice(index * per_adapter, (index + 1) * per_adapter)
-            model.set_adapter(name)
+            if switch:
+                model.set_adapter(name)
             outputs.append(model(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state)
         return outputs
 
@@ -133,11 +139,21 @@ def contenders(model, ids: torch.Tensor, per_adapter: int, seed: int) -> tuple[d
         out = model(input_ids=shuffled_ids, attention_mask=shuffled_mask, task_ids=task_ids).last_hidden_state
         return out.index_select(0, back)  # back to the batch's row order: one gather of the output
 
+    def base_one():
+        with model.disable_adapter():
+            return split()
+
+    def base_eight():
+        with model.disable_adapter():
+            return separate(switch=False)
+
     runs = {
         SEPARATE: separate,
         "BatchSplit": split,
         "MultiTask": multi,
         SET_BLOCK: lambda: model.set_adapter(batch_split),
+        BASE_ONE: base_one,
+        BASE_EIGHT: base_eight,
     }
     setup = {
         "BatchSplit": lambda: model.set_adapter(batch_split),
@@ -222,6 +238,17 @@ def run(
                         + f"; max abs diff {differences[name]:.0e}",
                     }
                 )
+            base_one, base_eight = timing.median(BASE_ONE), timing.median(BASE_EIGHT)
+            rows.append(
+                {
+                    "what": f"{what}, the base model alone (adapters disabled)",
+                    "figure": base_one / base_eight,
+                    "against": "8 separate batches",
+                    "goal": None,
+                    "detail": f"1 batch {base_one * 1e3:.0f} ms, 8 batches {base_eight * 1e3:.0f} ms: what one "
+                    "large batch costs the model itself, in each composed figure above",
+                }
+            )
         del model
     return rows
 
