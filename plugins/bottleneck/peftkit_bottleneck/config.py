@@ -97,7 +97,7 @@ class BottleneckConfig(PeftConfig):
                 self,
                 "original_ln_before",
                 True,
-                "False or None with style='parallel' (a parallel adapter reads the block's input)",
+                "False or None with style='parallel' (a parallel adapter reads what enters the block, see parallel_input)",
             )
         if self.is_parallel:
             if self.parallel_input is None:

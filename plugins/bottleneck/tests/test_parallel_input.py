@@ -60,6 +60,10 @@ def test_the_default_is_the_residual_stream_and_other_styles_leave_it_unset():
             {"style": "houlsby", "parallel_input": "residual"},
             "BottleneckConfig.parallel_input must be None with style='houlsby'",
         ),
+        (
+            {"style": "parallel", "original_ln_before": True},
+            "BottleneckConfig.original_ln_before must be False or None with style='parallel'",
+        ),
     ],
 )
 def test_bad_parallel_inputs_are_refused_by_name(fields, message):
