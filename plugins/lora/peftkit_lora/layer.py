@@ -516,9 +516,9 @@ class LoraLayer(AdapterLayer):
 
     @staticmethod
     def _adds_in_place(result: torch.Tensor, lora_b: torch.Tensor) -> bool:
-        """Whether a mixed batch may add into the base layer's output itself: eager inference (no graph
-        records the output, and a compiled graph stays functional) on a contiguous output of the adapters'
-        dtype."""
+        """Whether a mixed batch may add into the base layer's output itself: eagerly (a compiled graph stays
+        functional), where no graph records that output (inference, or a first layer whose input needs no
+        gradient: autograd then records the in-place add), on a contiguous output of the adapters' dtype."""
         return (
             not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and result.requires_grad)

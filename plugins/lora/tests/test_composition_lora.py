@@ -234,3 +234,34 @@ def test_dora_inside_batch_split_and_parallel_on_llama(bases):
     torch.testing.assert_close(out[1:], dora[1:], **TOL)
     model.set_adapter(Parallel("dora", "plain"))
     torch.testing.assert_close(output(model, x), torch.cat([dora, plain]), **TOL)
+
+
+@pytest.mark.parametrize(
+    "block",
+    [BatchSplit("a", "b", batch_sizes=[2, 2]), MultiTask("a", "b")],
+    ids=["batch_split", "multi_task"],
+)
+def test_training_through_row_blocks_gives_each_adapter_the_gradients_of_its_own_rows(block):
+    # LoRA's row paths add into the base output in place wherever no graph records it (the first layers,
+    # whose input needs no gradient): the gradients must be those of each adapter run on its own rows
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), "a"
+    )
+    model.add_adapter("b", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    x = ids(4, length=8, seed=11)
+    tasks = {"task_ids": [0, 0, 1, 1]} if isinstance(block, MultiTask) else {}
+    model.set_adapter(block)
+    model.train()
+    out = model(input_ids=x, **tasks).logits
+    out.pow(2).mean().backward()
+    composed = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for name, rows in (("a", slice(0, 2)), ("b", slice(2, 4))):
+        model.set_adapter(name)
+        model(input_ids=x[rows]).logits.pow(2).sum().div(out.numel()).backward()
+    separate = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert (
+        composed.keys() == separate.keys() and len(separate) == 2 * 7 * 2 * 2
+    )  # A and B, 7 targets, 2 layers
+    for name, grad in separate.items():
+        torch.testing.assert_close(composed[name], grad, rtol=1e-4, atol=1e-7)
