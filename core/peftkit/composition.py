@@ -306,7 +306,6 @@ class Rows:
     children: list[Child]
     child_of_row: list[int]
     _selected: dict = field(default_factory=dict, repr=False)
-    _row_adapters: RowAdapters | None = field(default=None, repr=False)
 
     def selected(self, child: int, device: torch.device) -> torch.Tensor:
         key = (child, device)
@@ -328,14 +327,13 @@ class Rows:
         starts = [sum(counts[:index]) for index in range(len(counts))]
         return [(start, start + count) for start, count in zip(starts, counts)]
 
+    @functools.cached_property
     def row_adapters(self) -> RowAdapters | None:
         """Each row's adapter name, when every child is a plain adapter name (else None), made once per call so
         that every layer shares its groupings (see :mod:`peftkit.mixed_batch`)."""
         if not all(isinstance(child, str) for child in self.children):
             return None
-        if self._row_adapters is None:
-            self._row_adapters = RowAdapters([self.children[index] for index in self.child_of_row])
-        return self._row_adapters
+        return RowAdapters([self.children[index] for index in self.child_of_row])
 
 
 def resolve_rows(block: Child, rows: int, task_ids: Any = None) -> Child:
@@ -417,8 +415,9 @@ def compose(
     """Walk ``block`` over ``state``; ``step(names, state)`` applies adapters in turn (a ``Stack`` of names
     comes as one call, as when they are simply all active), leaving out those the layer does not hold.
     ``rows_of_names``: a faster way to run a :class:`Rows` whose children are all adapter names (a layer's
-    mixed-batch path), given the row's names as one :class:`~peftkit.mixed_batch.RowAdapters` per call. ``fuse``: how the layer fuses, where it can. ``holds``:
-    whether the layer holds an adapter; a ``Split`` of adapters it holds none of leaves its tokens as they are."""
+    mixed-batch path), given the rows' names as one :class:`~peftkit.mixed_batch.RowAdapters` per call.
+    ``fuse``: how the layer fuses, where it can. ``holds``: whether the layer holds an adapter; a ``Split`` of
+    adapters it holds none of leaves its tokens as they are."""
 
     def walk(node: Child, current: State) -> State:
         if isinstance(node, str):
@@ -483,7 +482,7 @@ def _rows(node: Rows, state: State, walk: Callable, rows_of_names: Callable | No
         raise ValueError(
             f"the composition splits {len(node.child_of_row)} rows, but {where} sees a batch of {out.shape[0]}"
         )
-    rows = node.row_adapters()
+    rows = node.row_adapters
     if rows is not None and rows_of_names is not None:
         return rows_of_names(rows, state)
     spans = node.spans

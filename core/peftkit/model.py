@@ -179,11 +179,12 @@ class PeftModel(nn.Module):
                 f"adapters {kinds} cannot be active together: each one's method allows no other such adapter "
                 "beside it (one prompt at a time); any number of layer adapters may join one of them"
             )
+        layers, _ = self._cached_adapter_layers()
         if block is not None:
-            self._check_composition(block)
+            self._check_composition(block, names, layers)
         self.active_adapters = names
         self.active_composition = block
-        for _, layer in self.adapter_layers():
+        for layer in layers:
             layer.set_active(names)
             layer.active_composition = block
         self._note_answering()
@@ -196,7 +197,7 @@ class PeftModel(nn.Module):
 
         validate(block)
         self._check_known(block.flatten())
-        layers, _ = self._layers_for_mixed_batches()  # walked once, not once per adapter
+        layers, _ = self._cached_adapter_layers()  # walked once, not once per adapter
         for name, inside in enclosing_blocks(block).items():
             supported = plugins.composition_blocks(self, self.peft_config[name], name, layers)
             refused = sorted(inside - supported)
@@ -237,25 +238,23 @@ class PeftModel(nn.Module):
             names.append(fuse.name)
         return list(dict.fromkeys(names))
 
-    def _check_composition(self, block: CompositionBlock) -> None:
-        """Whether the model can run ``block`` as it is: nothing merged, one task head at most, and every
-        layer able to compute it."""
-        merged = sorted({name for _, layer in self.adapter_layers() for name in layer.merged_adapters})
+    def _check_composition(
+        self, block: CompositionBlock, names: list[str], layers: list[AdapterLayer]
+    ) -> None:
+        """Whether the model can run ``block`` as it is: nothing merged, one task head at most among the
+        adapters it runs (``names``, its fusions included), and every layer able to compute it."""
+        merged = sorted({name for layer in layers for name in layer.merged_adapters})
         if merged:
             raise ConfigError(
                 f"a composition cannot run while adapters are merged ({', '.join(merged)}); call unmerge_adapter() first"
             )
-        with_heads = [
-            name
-            for name in block.flatten() + self._fusions_of(block)
-            if self.peft_config[name].modules_to_save
-        ]
+        with_heads = [name for name in names if self.peft_config[name].modules_to_save]
         if len(with_heads) > 1:
             raise ConfigError(
                 f"adapters {with_heads} each have modules_to_save (a trained task head); a composition may hold "
                 "at most one adapter with a head (counting the fusions it runs), whose head then serves every row"
             )
-        for _, layer in self.adapter_layers():
+        for layer in layers:
             layer.check_composition(block)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -469,7 +468,7 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def _composition_for_call(self, resolved: Any) -> Iterator[None]:
-        layers, _ = self._layers_for_mixed_batches()
+        layers, _ = self._cached_adapter_layers()
         for layer in layers:
             layer.active_composition = resolved
         try:
@@ -516,7 +515,7 @@ class PeftModel(nn.Module):
                     f"adapter {name!r} is a {spec.name} adapter ({spec.family}), which cannot differ from row to "
                     f"row of a batch; adapter_names takes adapters of the {', '.join(ROW_WISE_FAMILIES)} families"
                 )
-        layers, layouts = self._layers_for_mixed_batches()
+        layers, layouts = self._cached_adapter_layers()
         heads = [layer for layer in layers if isinstance(layer, ModulesToSaveWrapper)]
         with_heads = [
             name for name in dict.fromkeys(adapter_names) if any(head.holds(name) for head in heads)
@@ -564,7 +563,7 @@ class PeftModel(nn.Module):
     def _close_mixed_batch(batch: contextlib.AbstractContextManager) -> None:
         batch.__exit__(None, None, None)
 
-    def _layers_for_mixed_batches(self) -> tuple[list[AdapterLayer], list[tuple[tuple[str, ...], Any]]]:
+    def _cached_adapter_layers(self) -> tuple[list[AdapterLayer], list[tuple[tuple[str, ...], Any]]]:
         """The adapter layers, and the distinct ``(adapters held, device)`` of them (see
         :func:`peftkit.mixed_batch.rows_using`), found again only after an adapter was added or deleted:
         walking a model with many adapters costs more than a decoding step's adapter math."""

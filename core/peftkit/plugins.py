@@ -369,9 +369,8 @@ def composition_blocks(
     answer = _hook().peftkit_composition_blocks(
         peft_model=peft_model, config=config, adapter_name=adapter_name
     )
-    if (
-        answer is None
-    ):  # what every layer holding the adapter computes; Stack alone for an adapter without layers
+    if answer is None:
+        # what every layer holding the adapter computes; Stack alone for an adapter without layers
         blocks = [frozenset(type(layer).composition_blocks) for layer in layers if layer.holds(adapter_name)]
         return frozenset.intersection(*blocks) if blocks else frozenset({"Stack"})
     unknown = set(answer) - set(BLOCK_NAMES)
