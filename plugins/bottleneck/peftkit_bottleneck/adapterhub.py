@@ -137,7 +137,7 @@ def _blocks(model: nn.Module, config: BottleneckConfig) -> list[tuple[int, str, 
             f"peftkit-bottleneck knows AdapterHub's adapter locations for model types {', '.join(sorted(LOCATIONS))} "
             f"only; {type(model).__name__} is model_type {model_type!r}"
         )
-    if config.is_parallel and not config.reads_residual_stream and model_type not in POST_NORM_MODEL_TYPES:
+    if config.parallel_input == "block_input" and model_type not in POST_NORM_MODEL_TYPES:
         raise AdapterLoadError(
             f"AdapterHub's parallel adapters on model_type {model_type!r} read the residual stream before the "
             "feed-forward block's layer norm, and this adapter (BottleneckConfig.parallel_input='block_input') "

@@ -219,16 +219,19 @@ class BottleneckLayer(AdapterLayer):
             return result
         h = result[0] if isinstance(result, tuple) else result
         reads = {AFTER: h}
-        if any(self.placement[name] == BESIDE for name in output_names):
-            reads[BESIDE] = self._block_input(args, kwargs)
-        if any(self.placement[name] == BESIDE_STREAM for name in output_names):
-            reads[BESIDE_STREAM] = self._checked_stream(stream)
+        for placement in {self.placement[name] for name in output_names} - {AFTER}:
+            reads[placement] = self._beside_input(placement, args, kwargs, stream)
         out = h
         for name in output_names:
             out = out + self.adapter_delta(name, reads[self.placement[name]])
         return (out, *result[1:]) if isinstance(result, tuple) else out
 
-    def _checked_stream(self, stream: torch.Tensor | None) -> torch.Tensor:
+    def _beside_input(
+        self, placement: str, args: tuple, kwargs: dict[str, Any], stream: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What an adapter beside the block reads: the residual stream (``beside_stream``) or the block's input."""
+        if placement == BESIDE:
+            return self._block_input(args, kwargs)
         if stream is None:
             raise RuntimeError(
                 f"a parallel bottleneck adapter on {type(self.base_layer).__name__} reads the residual stream at "
@@ -358,12 +361,8 @@ class BottleneckLayer(AdapterLayer):
             (out,) = compose(
                 block, (h,), step, fuse=self._fuser(lambda state: state, step), where=self._where
             )
-        else:  # BESIDE: each adapter reads the block's input; BESIDE_STREAM: the residual stream
-            reads = (
-                self._checked_stream(stream)
-                if placement == BESIDE_STREAM
-                else self._block_input(args, kwargs)
-            )
+        else:  # BESIDE, BESIDE_STREAM: each adapter reads what enters the block
+            reads = self._beside_input(placement, args, kwargs, stream)
             out = compose(block, (reads, h), self._add_outputs_beside, where=self._where)[-1]
         return (out, *result[1:]) if isinstance(result, tuple) else out
 
