@@ -238,3 +238,25 @@ def test_bf16_autocast_stays_near_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = logits(model).float()
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 3e-2
+
+
+def test_named_blocks_without_the_norm_beside_them_are_refused_by_name():
+    config = BottleneckConfig(style="parallel", reduction_factor=4, feedforward_modules=["up_proj"])
+    with pytest.raises(
+        TargetModulesError,
+        match=r"'model\.layers\.0\.mlp\.up_proj' reads the residual stream at the input of its sibling "
+        r"'post_attention_layernorm', which 'model\.layers\.0\.mlp' does not have",
+    ):
+        get_peft_model(tiny_llama(), config)
+
+
+def test_a_layer_reads_the_stream_at_one_norm_and_only_once_told_where():
+    model = adapted(tiny_llama())
+    mlp = model.get_submodule("base_model.model.model.layers.0.mlp")
+    mlp.read_stream_at(mlp._stream_norm)  # the same norm again: nothing changes
+    assert len(mlp._stream_norm._forward_pre_hooks) == 1
+    with pytest.raises(ValueError, match="LlamaMLP already reads the residual stream at another module"):
+        mlp.read_stream_at(nn.LayerNorm(32))
+    bare = BottleneckLayer(nn.Linear(32, 32), mlp.features)
+    with pytest.raises(ValueError, match=r"a beside_stream adapter needs read_stream_at\(norm\) first"):
+        bare.update_layer("x", PARALLEL, "mlp", placement="beside_stream")
