@@ -473,9 +473,9 @@ class LoraLayer(AdapterLayer):
                 "a mixed batch (adapter_names=...) runs LoRA without dropout: call model.eval(), or train "
                 "with lora_dropout=0"
             )
-        if torch.compiler.is_compiling():
-            return self._mixed_batch_by_row(x, result, rows, held)
         lora_a, lora_b = self._stacked(held, zero_slot=True)  # one stack for all three ways (cached)
+        if torch.compiler.is_compiling():
+            return self._mixed_batch_by_row(x, result, rows, held, lora_a, lora_b)
         rows_x = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
         tokens_per_row = rows_x.shape[0] // x.shape[0]
         grouping = rows.grouping(held, tokens_per_row, x.device)
@@ -489,7 +489,7 @@ class LoraLayer(AdapterLayer):
             update = torch.bmm(torch.bmm(grouped, lora_a[:-1]), lora_b[:-1])
             return result + update.view(result.shape).to(result.dtype)
         if tokens_per_row >= lora_a.shape[-1]:  # more tokens than the rank: the weights are the smaller copy
-            return self._mixed_batch_by_row(x, result, rows, held)
+            return self._mixed_batch_by_row(x, result, rows, held, lora_a, lora_b)
         lora_a, lora_b = lora_a[:-1], lora_b[:-1]
         padded_x = torch.cat([rows_x, rows_x.new_zeros(1, rows_x.shape[-1])])
         grouped = padded_x.index_select(0, grouping.gather).view(grouping.adapters, grouping.width, -1)
@@ -499,12 +499,20 @@ class LoraLayer(AdapterLayer):
         flat = result.reshape(-1, result.shape[-1])
         return (flat + padded_update.index_select(0, grouping.scatter).to(flat.dtype)).view(result.shape)
 
-    def _mixed_batch_by_row(self, x: torch.Tensor, result: torch.Tensor, rows, held: tuple[str, ...]):
-        """Each row gathers its adapter's stacked A and B by index (a zero slot for rows without one here).
-        Under torch.compile only tensors change from batch to batch, so a new set of adapters recompiles
-        nothing; the stacks are built in the graph, as it can keep no cache between calls."""
+    def _mixed_batch_by_row(
+        self,
+        x: torch.Tensor,
+        result: torch.Tensor,
+        rows,
+        held: tuple[str, ...],
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+    ) -> torch.Tensor:
+        """Each row gathers its adapter's stacked A and B (``_stacked(held, zero_slot=True)``) by index, the
+        zero slot for rows without one here. Under torch.compile only tensors change from batch to batch, so
+        a new set of adapters recompiles nothing; the stacks are built in the graph, as it can keep no cache
+        between calls."""
         positions = rows.row_index(held, x.device)
-        lora_a, lora_b = self._stacked(held, zero_slot=True)
         slot = torch.where(positions >= 0, positions, len(held))
         rows_x = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_a.dtype)
         down = torch.bmm(rows_x, lora_a[slot])
