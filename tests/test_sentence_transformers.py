@@ -8,9 +8,7 @@ package.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import peft
@@ -379,12 +377,8 @@ def test_a_trained_peft_adapter_loads_in_peftkit_and_trains_on(tiny_folder, tmp_
 
 
 # --- the example ----------------------------------------------------------------------------------------
-def test_the_example_improves_held_out_retrieval(capsys) -> None:
-    path = ROOT / "examples" / "sentence_similarity.py"
-    spec = importlib.util.spec_from_file_location("sentence_similarity_example", path)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
+def test_the_example_improves_held_out_retrieval(capsys, load_example) -> None:
+    script = load_example("sentence_similarity.py")
 
     result = script.main(["--epochs", "1", "--lr", "2e-3"])
     printed = capsys.readouterr().out
