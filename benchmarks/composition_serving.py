@@ -166,8 +166,7 @@ def check(model, what: str, runs: dict[str, Callable], setup: dict[str, Callable
     """Each composed output against the separate batches', row by row: the largest absolute difference
     (over TOLERANCE stops the run). Also that the adapters change the output at all, and differently."""
     expected = torch.cat(runs[SEPARATE]())
-    with model.disable_adapter():
-        base = runs["BatchSplit"]()
+    base = runs[BASE_ONE]()
     differences = {"base": (expected - base).abs().max().item()}
     for name in ("BatchSplit", "MultiTask"):
         setup[name]()
