@@ -96,6 +96,25 @@ def test_each_way_of_running_lora_rows_gives_each_row_its_own_adapter(model, mon
     torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
 
 
+WAYS = [  # (names, tokens a row): in order, by row, grouped (as above)
+    (["default", "default", "small", "small"], 3),
+    (["small", "default", "__base__", "default"], 6),
+    (["small", "default", "__base__", "default"], 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("names", "length"), WAYS, ids=["in_order", "by_row", "grouped"])
+def test_each_way_runs_under_autocast_close_to_float32(model, names, length, dtype):
+    ids = torch.randint(1, 128, (len(names), length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=names).logits
+        with torch.autocast("cpu", dtype=dtype):
+            got = model(input_ids=ids, adapter_names=names).logits
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_lora_rows_run_without_a_loop_over_adapters(model, monkeypatch):
     """The grouped path never falls back to running adapters one by one."""
 

@@ -232,10 +232,11 @@ def test_compiles_to_one_graph_with_the_eager_outputs(peftkit_fresh_dynamo):
     assert all(layer._stream is None for _, layer in model.adapter_layers())
 
 
-def test_bf16_autocast_stays_near_float32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_stays_near_float32(dtype):
     model = adapted(tiny_llama()).eval()
     expected = logits(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         got = logits(model).float()
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 3e-2
 
