@@ -13,6 +13,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peftkit import (
     AdapterLoadError,
     AdapterNameError,
@@ -268,6 +270,37 @@ CASES = [
     for variant in VARIANTS
     if not (kind == "bert_pfeiffer" and variant == "residual_before")  # refused there: see below
 ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    adapters=st.integers(2, 5),
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    hidden=st.sampled_from([4, 8, 16]),
+    variant=st.sampled_from(sorted(VARIANTS)),
+    temperature=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_fusion_layer_over_any_number_of_adapters_and_any_shape_is_the_hand_written_fusion(
+    adapters, shape, hidden, variant, temperature, seed
+):
+    from peftkit_bottleneck.fusion import FusionLayer
+
+    options = {**VARIANTS[variant][1], "temperature": temperature}
+    names = [f"a{index}" for index in range(adapters)]
+    config = AdapterFusionConfig(
+        adapter_names=names, **{k: v for k, v in options.items() if k != "dropout_prob"}
+    )
+    torch.manual_seed(seed)
+    fusion = FusionLayer(config, hidden, dropout_prob=0.0).eval()
+    generator = torch.Generator().manual_seed(seed)
+    query, residual = (torch.randn(*shape, hidden, generator=generator) for _ in range(2))
+    outputs = [torch.randn(*shape, hidden, generator=generator) for _ in range(adapters)]
+    expected_t = 50.0 if temperature else 1.0
+    with torch.no_grad():
+        expected = fusion_reference(fusion, options, query, outputs, residual, temperature=expected_t)
+        got = fusion(query, torch.stack(outputs, dim=-2), residual)
+    torch.testing.assert_close(got, expected, **TOL)
 
 
 @pytest.mark.parametrize(("kind", "variant"), CASES)
